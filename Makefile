@@ -1,0 +1,36 @@
+# The README's commands. `make run` and `make test` each set up .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# DVC stages call `python -m tasks.<stage>`: put the venv first on PATH.
+export PATH := $(BIN):$(PATH)
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: help venv run test bench clean-artifacts
+
+help:
+	@echo "make run    - set up .venv, run the pipeline (dvc repro) on params.yaml, print a summary"
+	@echo "make test   - set up .venv, run the test suite"
+	@echo "make bench  - benchmarks (needs ../shared/datasets/hymenoptera)"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: venv
+	dvc repro
+	python -m tasks.summary
+
+test: venv
+	python -m pytest -q tests
+
+bench: venv
+	python bench/train_speed.py ../shared/datasets/hymenoptera
+
+clean-artifacts:
+	rm -rf data/prepared features models reports

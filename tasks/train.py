@@ -1,0 +1,429 @@
+"""Stage `train`: fit the new head (models/).
+
+Default path: the head learns on the cached features (seconds on a CPU). The
+frozen backbone is never touched. `train.augment` runs the frozen backbone every
+epoch on randomly cropped/flipped images instead; `train.unfreeze_blocks: N`
+trains the last N backbone blocks with the head (their BatchNorm included).
+
+Model selection is honest: the epoch is chosen on val when a test split exists.
+Without a test split val is the evaluation split, so the epoch is chosen on a
+stratified holdout of train and (on cached features) the head is then refit on all of train.
+
+Outputs: models/head.pt, models/classifier.pt (+ .safetensors), models/labels.json,
+reports/train_history.csv (a DVC plot), reports/train.json.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from tasks.backbone import BACKBONE_DIR, load_feature_extractor
+from tasks.config import Params, TrainParams, as_dict, load_params
+from tasks.data import PREPARED_DIR, Dataset, Item, load_dataset, stratified_split
+from tasks.features import FEATURES_DIR, FeatureCache
+from tasks.files import atomic_path, write_json, write_text
+from tasks.model import (
+    Classifier, FeatureExtractor, autocast, build_head, freeze, pick_device, unfreeze_last_blocks,
+)
+from tasks.preprocess import PreprocessingCard, decode_rgb
+
+MODELS_DIR = Path("models")
+REPORTS_DIR = Path("reports")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    classifier_path: Path
+    summary: dict  # solver, l2 or best_epoch, selection ("val" | "train-holdout"), selection_accuracy
+    seconds: float
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def make_optimizer(groups: list[dict], p: TrainParams) -> torch.optim.Optimizer:
+    if p.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=p.lr, weight_decay=p.weight_decay)
+    if p.optimizer == "adam":  # the reference recipe: torch.optim.Adam, L2 in the gradient
+        return torch.optim.Adam(groups, lr=p.lr, weight_decay=p.weight_decay)
+    return torch.optim.SGD(groups, lr=p.lr, momentum=0.9, nesterov=True, weight_decay=p.weight_decay)
+
+
+def make_schedule(opt: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int):
+    total = p.epochs * steps_per_epoch
+    if p.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+
+
+def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (fit, holdout) index arrays over the training set, deterministic in seed."""
+    names = [f"{i}" for i in range(len(labels))]
+    by_class: dict[int, list[str]] = {}
+    for name, y in zip(names, labels):
+        by_class.setdefault(int(y), []).append(name)
+    hold = set()
+    for rels in by_class.values():
+        hold.update(r for r, s in stratified_split(rels, fraction, 0.0, seed).items() if s == "val")
+    idx = np.arange(len(labels))
+    mask = np.array([n in hold for n in names])
+    return idx[~mask], idx[mask]
+
+
+# ---------------------------------------------------------------- head on cached features
+
+
+def fit_head(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, p: TrainParams,
+    x_sel: torch.Tensor | None, y_sel: torch.Tensor | None, stop_at: int | None = None, desc: str = "train head",
+) -> tuple[nn.Module, list[dict], int, float]:
+    """Mini-batch training of the head; returns (head at the best selection epoch, history, best epoch, best acc)."""
+    gen = seed_everything(p.seed)
+    head = build_head(p.head, x.shape[1], num_classes, p.hidden_dim, p.dropout, p.feature_power)
+    head[0].fit(x)
+    opt = make_optimizer([{"params": head.parameters()}], p)
+    steps = math.ceil(len(x) / p.batch_size)
+    sched = make_schedule(opt, p, steps)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
+    history: list[dict] = []
+    best = (-1.0, math.inf, 0, copy.deepcopy(head.state_dict()))
+    epochs = stop_at or p.epochs
+    bar = tqdm(range(1, epochs + 1), desc=desc, unit="ep", disable=None)
+    for epoch in bar:
+        head.train()
+        perm = torch.randperm(len(x), generator=gen)
+        total_loss, correct = 0.0, 0
+        for s in range(steps):
+            idx = perm[s * p.batch_size : (s + 1) * p.batch_size]
+            logits = head(x[idx])
+            loss = loss_fn(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += loss.item() * len(idx)
+            correct += (logits.argmax(1) == y[idx]).sum().item()
+        row = {"step": epoch, "train_loss": total_loss / len(x), "train_acc": correct / len(x),
+               "lr": opt.param_groups[0]["lr"]}
+        if x_sel is not None:
+            head.eval()
+            with torch.no_grad():
+                sel_logits = head(x_sel)
+            sel_loss = nn.functional.cross_entropy(sel_logits, y_sel).item()
+            sel_acc = (sel_logits.argmax(1) == y_sel).float().mean().item()
+            row.update(select_loss=sel_loss, select_acc=sel_acc)
+            # Best accuracy, ties broken by lower loss.
+            if (sel_acc, -sel_loss) > (best[0], -best[1]):
+                best = (sel_acc, sel_loss, epoch, copy.deepcopy(head.state_dict()))
+            elif p.patience and epoch - best[2] >= p.patience:
+                history.append(row)
+                break
+        history.append(row)
+        bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}",
+                        **({"sel_acc": f"{row['select_acc']:.3f}"} if x_sel is not None else {}))
+    if x_sel is None:
+        return head.eval(), history, epochs, float("nan")
+    head.load_state_dict(best[3])
+    return head.eval(), history, best[2], best[0]
+
+
+def fit_lbfgs(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, p: TrainParams,
+              max_iter: int = 500) -> nn.Module:
+    """Multinomial logistic regression on the standardised features, solved to convergence.
+
+    Cross-entropy (mean over samples) + l2/2 * ||W||^2, full-batch L-BFGS from zero:
+    deterministic, and the regularisation is explicit instead of an early-stopping accident
+    (the linear-probe protocol of Kornblith et al. 2019).
+    """
+    head = build_head("linear", x.shape[1], num_classes, power=p.feature_power)
+    head[0].fit(x)
+    linear: nn.Linear = head[2]
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    with torch.no_grad():
+        z = head[0](x)
+    opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-10)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(linear(z), y, label_smoothing=p.label_smoothing)
+        loss = loss + 0.5 * l2 * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return head.eval()
+
+
+def scores(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    with torch.no_grad():
+        logits = head(x)
+    return nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+def select_l2(x: torch.Tensor, y: torch.Tensor, num_classes: int, p: TrainParams,
+              x_sel: torch.Tensor, y_sel: torch.Tensor) -> tuple[nn.Module, list[dict], float, float]:
+    """Fit one head per candidate L2 strength; keep the best on the selection split (accuracy, then loss)."""
+    history, best = [], None
+    for step, l2 in enumerate(tqdm(p.l2, desc="train head (lbfgs)", unit="fit", disable=None), start=1):
+        head = fit_lbfgs(x, y, num_classes, l2, p)
+        train_loss, train_acc = scores(head, x, y)
+        sel_loss, sel_acc = scores(head, x_sel, y_sel)
+        history.append({"step": step, "l2": l2, "train_loss": train_loss, "train_acc": train_acc,
+                        "select_loss": sel_loss, "select_acc": sel_acc})
+        if best is None or (sel_acc, -sel_loss) > (best[0], -best[1]):
+            best = (sel_acc, sel_loss, l2, head)
+    return best[3], history, best[2], best[0]
+
+
+def train_on_features(params: Params, dataset: Dataset, feats: dict[str, np.ndarray]) -> tuple[nn.Module, list[dict], dict]:
+    """Head on cached features. Returns (head, history, summary with the chosen epoch or L2)."""
+    p = params.train
+    n_classes = len(dataset.classes)
+    x, y = torch.from_numpy(feats["x_train"]), torch.from_numpy(feats["y_train"])
+    if dataset.has_split("test") and "x_val" in feats:
+        fit_idx, x_sel, y_sel, selection = None, torch.from_numpy(feats["x_val"]), torch.from_numpy(feats["y_val"]), "val"
+    else:
+        # No test split: val is the evaluation split, so choose on a slice of train and refit on all of it.
+        fit_idx, hold_idx = holdout_split(feats["y_train"], p.holdout_fraction, p.seed)
+        x_sel, y_sel, selection = x[hold_idx], y[hold_idx], "train-holdout"
+        if len(hold_idx) == 0:
+            raise ValueError("train split too small to hold out a selection set; add images or a val/ folder")
+    x_fit, y_fit = (x, y) if fit_idx is None else (x[fit_idx], y[fit_idx])
+
+    if p.solver == "lbfgs":
+        head, history, l2, acc = select_l2(x_fit, y_fit, n_classes, p, x_sel, y_sel)
+        if fit_idx is not None:
+            head = fit_lbfgs(x, y, n_classes, l2, p)
+        return head, history, {"solver": "lbfgs", "l2": l2, "best_epoch": None, "selection": selection,
+                               "selection_accuracy": acc}
+    head, history, best, acc = fit_head(x_fit, y_fit, n_classes, p, x_sel, y_sel,
+                                        desc="select epoch" if fit_idx is not None else "train head")
+    if fit_idx is not None:
+        head, refit_hist, _, _ = fit_head(x, y, n_classes, p, None, None, stop_at=best, desc="refit head")
+        history += [{**row, "phase": "refit"} for row in refit_hist]
+    return head, history, {"solver": p.solver, "l2": None, "best_epoch": best, "selection": selection,
+                           "selection_accuracy": acc}
+
+
+# ---------------------------------------------------------------- through the backbone (augment / unfreeze)
+
+
+class ImageBatches(torch.utils.data.Dataset):
+    """Images -> uint8 HWC tensors: random resized crop + flip when training, the shared centre crop otherwise."""
+
+    def __init__(self, dataset: Dataset, items: list[Item], card: PreprocessingCard, train: bool):
+        from torchvision.transforms import v2
+
+        from tasks.preprocess import INTERPOLATIONS, load_image
+
+        self.dataset, self.items, self.card, self.train = dataset, items, card, train
+        self.load_image = load_image
+        self.augment = v2.Compose([
+            v2.RandomResizedCrop(card.input_size, interpolation=INTERPOLATIONS[card.interpolation], antialias=True),
+            v2.RandomHorizontalFlip(),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        item = self.items[i]
+        path = self.dataset.resolve(item)
+        if self.train:
+            img = self.augment(decode_rgb(path, self.card.resize_size))
+            pixels = np.array(img, dtype=np.uint8)
+        else:
+            pixels = np.array(self.load_image(path, self.card))
+        return torch.from_numpy(pixels), self.dataset.label_index(item)
+
+
+def train_through_backbone(params: Params, dataset: Dataset, extractor: FeatureExtractor) -> tuple[nn.Module, list[dict], dict]:
+    """AdamW-family training with the backbone in the loop; the best selection epoch is kept (no refit)."""
+    p = params.train
+    device = pick_device(params.device)
+    gen = seed_everything(p.seed)
+    card = extractor.card
+    head = build_head(p.head, card.feature_dim, len(dataset.classes), p.hidden_dim, p.dropout, p.feature_power)
+    model = Classifier(extractor, head).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    freeze(model.features)
+    trainable = unfreeze_last_blocks(model.features.network, p.unfreeze_blocks)
+    groups = [{"params": head.parameters()}]
+    if trainable:
+        groups.append({"params": [q for b in trainable for q in b.parameters()], "lr": p.backbone_lr})
+    train_items = dataset.split("train")
+    if dataset.has_split("test") and dataset.has_split("val"):
+        sel_items, selection = dataset.split("val"), "val"
+    else:
+        labels = np.array([dataset.label_index(it) for it in train_items])
+        fit_idx, hold_idx = holdout_split(labels, p.holdout_fraction, p.seed)
+        sel_items = [train_items[i] for i in hold_idx]
+        train_items = [train_items[i] for i in fit_idx]
+        selection = "train-holdout"
+    loader = torch.utils.data.DataLoader(ImageBatches(dataset, train_items, card, train=True), batch_size=p.batch_size,
+                                         shuffle=True, generator=gen, num_workers=0)
+    sel_loader = torch.utils.data.DataLoader(ImageBatches(dataset, sel_items, card, train=False), batch_size=p.batch_size)
+    opt = make_optimizer(groups, p)
+    sched = make_schedule(opt, p, len(loader))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
+    history, best = [], (-1.0, 0, None)
+    bar = tqdm(range(1, p.epochs + 1), desc="train (backbone in the loop)", unit="ep", disable=None)
+    for epoch in bar:
+        head.train()
+        for b in trainable:
+            b.train()  # the unfrozen blocks learn, BatchNorm included; the rest stays in eval()
+        total_loss, correct, seen = 0.0, 0, 0
+        for pixels, target in loader:
+            pixels, target = pixels.to(device), target.to(device)
+            with autocast(device):
+                logits = model(pixels)
+                loss = loss_fn(logits.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total_loss += loss.item() * len(target)
+            correct += (logits.argmax(1) == target).sum().item()
+            seen += len(target)
+        model.eval()
+        sel_acc = evaluate_images(model, sel_loader, device)
+        history.append({"step": epoch, "train_loss": total_loss / seen, "train_acc": correct / seen,
+                        "select_acc": sel_acc, "lr": opt.param_groups[0]["lr"]})
+        bar.set_postfix(loss=f"{total_loss / seen:.3f}", sel_acc=f"{sel_acc:.3f}")
+        if sel_acc > best[0]:
+            best = (sel_acc, epoch, copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()}))
+        elif p.patience and epoch - best[1] >= p.patience:
+            break
+    model.load_state_dict(best[2])
+    model.eval().cpu()
+    return model, history, {"solver": p.solver, "l2": None, "best_epoch": best[1], "selection": selection,
+                            "selection_accuracy": best[0]}
+
+
+@torch.no_grad()
+def evaluate_images(model: nn.Module, loader, device: torch.device) -> float:
+    correct = total = 0
+    for pixels, target in loader:
+        with autocast(device):
+            logits = model(pixels.to(device))
+        correct += (logits.argmax(1).cpu() == target).sum().item()
+        total += len(target)
+    return correct / max(total, 1)
+
+
+# ---------------------------------------------------------------- stage
+
+
+def save_classifier(model: Classifier, card: PreprocessingCard, classes: list[str], params: Params,
+                    extra: dict, out_dir: Path) -> Path:
+    """classifier.pt loads with torch.load(weights_only=True): tensors and plain data only."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"card": card.to_dict(), "labels": classes, "train": as_dict(params.train), **extra,
+            "head": {"kind": params.train.head, "hidden_dim": params.train.hidden_dim, "dropout": params.train.dropout,
+                     "feature_power": params.train.feature_power}}
+    path = out_dir / "classifier.pt"
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": state, "meta": json.loads(json.dumps(meta))}, tmp)
+    with atomic_path(out_dir / "classifier.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"meta": json.dumps(meta)})
+    with atomic_path(out_dir / "head.pt") as tmp:
+        torch.save({k[5:]: v for k, v in state.items() if k.startswith("head.")}, tmp)
+    write_json(out_dir / "labels.json", classes)
+    return path
+
+
+def _head_from_meta(meta: dict) -> nn.Module:
+    h, card = meta["head"], meta["card"]
+    return build_head(h["kind"], card["feature_dim"], len(meta["labels"]), h["hidden_dim"], h["dropout"], h["feature_power"])
+
+
+def load_classifier(path: Path = MODELS_DIR / "classifier.pt") -> tuple[Classifier, dict]:
+    """The whole classifier (backbone + head) from classifier.pt, weights_only: no pickled code runs."""
+    from tasks.model import build_network
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    meta = ckpt["meta"]
+    card = PreprocessingCard.from_dict(meta["card"])
+    model = Classifier(FeatureExtractor(build_network(card.arch), card), _head_from_meta(meta))
+    model.load_state_dict(ckpt["state_dict"])
+    return freeze(model), meta
+
+
+def load_head(models_dir: Path = MODELS_DIR) -> tuple[nn.Module, dict]:
+    """Only the head (head.pt) and the classifier's metadata: enough to score cached features."""
+    meta = torch.load(Path(models_dir) / "classifier.pt", map_location="cpu", weights_only=True, mmap=True)["meta"]
+    head = _head_from_meta(meta)
+    head.load_state_dict(torch.load(Path(models_dir) / "head.pt", map_location="cpu", weights_only=True))
+    return freeze(head), meta
+
+
+def write_history(history: list[dict], path: Path) -> None:
+    """One row per epoch (adamw/adam/sgd) or per L2 candidate (lbfgs): the DVC learning-curve plot."""
+    cols = ["step", "phase", "l2", "train_loss", "train_acc", "select_loss", "select_acc", "lr"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for row in history:
+        w.writerow({c: (round(v, 6) if isinstance(v, float) else v) for c, v in {"phase": "select", **row}.items()})
+    write_text(path, buf.getvalue())
+
+
+def train(params: Params, prepared_dir: Path = PREPARED_DIR, backbone_dir: Path = BACKBONE_DIR,
+          features_dir: Path = FEATURES_DIR, out_dir: Path = MODELS_DIR, reports_dir: Path = REPORTS_DIR) -> TrainResult:
+    t0 = time.perf_counter()
+    p = params.train
+    dataset = load_dataset(prepared_dir)
+    extractor = load_feature_extractor(backbone_dir)
+    card = extractor.card
+    if p.augment or p.unfreeze_blocks:
+        model, history, summary = train_through_backbone(params, dataset, extractor)
+    else:
+        feats = FeatureCache(features_dir).load()
+        if len(feats["x_train"]) != len(dataset.split("train")):
+            raise RuntimeError(f"{features_dir} does not match {prepared_dir}: re-run the features stage")
+        head, history, summary = train_on_features(params, dataset, feats)
+        model = Classifier(extractor, head)
+    extra = {**summary, "backbone_trained": bool(p.unfreeze_blocks), "manifest_sha256": dataset.manifest_sha256}
+    path = save_classifier(model, card, dataset.classes, params, extra, Path(out_dir))
+    write_history(history, Path(reports_dir) / "train_history.csv")
+    seconds = time.perf_counter() - t0
+    write_json(Path(reports_dir) / "train.json", {**{k: v for k, v in extra.items() if k != "manifest_sha256"},
+                                                  "steps_run": len(history), "seconds": round(seconds, 2)})
+    return TrainResult(path, summary, seconds)
+
+
+def main() -> None:
+    params = load_params()
+    r = train(params)
+    s = r.summary
+    chosen = f"L2 {s['l2']}" if s["solver"] == "lbfgs" else f"epoch {s['best_epoch']}"
+    print(f"train: {s['solver']}, {chosen} chosen on {s['selection']} (acc {s['selection_accuracy']:.4f}), "
+          f"{r.seconds:.1f}s -> {r.classifier_path}")
+
+
+if __name__ == "__main__":
+    main()

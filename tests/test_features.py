@@ -1,0 +1,85 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import tiny_params
+from tasks.config import parse_params
+from tasks.preprocess import decode_rgb, load_image, PreprocessingCard
+
+CARD = PreprocessingCard(input_size=(224, 224), resize_size=256, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def test_features_are_computed_once_and_reused_while_the_key_holds(imagefolder, workdir):
+    params = tiny_params(imagefolder)
+    workdir.prepare(params)
+    first = workdir.features_(params)
+    mtime = (workdir.features / "features.npz").stat().st_mtime_ns
+    second = workdir.features_(params)
+    assert not first.cached and second.cached and second.key == first.key
+    assert (workdir.features / "features.npz").stat().st_mtime_ns == mtime
+    # New data -> new key -> recomputed.
+    (imagefolder / "circles" / "circles_00.png").unlink()
+    workdir.prepare(params)
+    third = workdir.features_(params)
+    assert not third.cached and third.key != first.key
+
+
+def test_torch_and_onnxruntime_engines_agree(imagefolder, workdir, tmp_path):
+    from tasks.features import FeatureCache, compute_features
+
+    params = tiny_params(imagefolder)
+    workdir.prepare(params)
+    ort = workdir.features_(params)
+    p_torch = parse_params({**{"data": {"dataset": "imagefolder", "root": str(imagefolder), "val_fraction": 0.25,
+                                        "test_fraction": 0.25}}, "features": {"engine": "torch"}})
+    tch = compute_features(p_torch, workdir.prepared, workdir.backbone, tmp_path / "f_torch")
+    assert ort.engine == "onnxruntime" and tch.engine == "torch"
+    a, b = FeatureCache(workdir.features).load(), FeatureCache(tmp_path / "f_torch").load()
+    for k in a:
+        assert np.abs(a[k] - b[k]).max() < 1e-4
+
+
+def image_bytes(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "CMYK", "I;16"])
+def test_any_mode_becomes_uint8_rgb_at_input_size(mode):
+    img = Image.new("RGB", (300, 200), (200, 30, 30)).convert(mode)
+    fmt = "JPEG" if mode == "CMYK" else "PNG"
+    out = load_image(image_bytes(img, fmt), CARD)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (400, 300), (0, 0, 0))
+    img.paste((255, 255, 255), (0, 0, 200, 300))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW on display: white ends up on top
+    out = load_image(image_bytes(img, "JPEG", exif=exif), CARD)
+    assert out[:50].mean() > 200 and out[-50:].mean() < 50
+
+
+def test_jpeg_draft_decode_matches_a_full_decode():
+    rng = np.random.default_rng(0)
+    base = np.kron(rng.integers(0, 255, (60, 80, 3)), np.ones((32, 32, 1))).astype(np.uint8)  # 1920x2560
+    data = image_bytes(Image.fromarray(base), "JPEG", quality=95)
+    fast = load_image(data, CARD).astype(float)
+    full = Image.open(io.BytesIO(data)).convert("RGB")
+    from tasks.preprocess import resize_center_crop
+
+    slow = np.asarray(resize_center_crop(full, 256, (224, 224), "bicubic")).astype(float)
+    assert decode_rgb(data, 256).size[0] < 2560  # draft really decoded at reduced size
+    assert np.abs(fast - slow).mean() < 3.0
+
+
+def test_resize_then_crop_geometry():
+    # A 512x256 image: shorter side -> 256, so width 512 -> centre 224 crop of the middle.
+    arr = np.zeros((256, 512, 3), np.uint8)
+    arr[:, 256 - 50 : 256 + 50] = 255  # a vertical white band in the middle
+    out = load_image(image_bytes(Image.fromarray(arr), "PNG"), CARD)
+    assert out[:, 112].mean() > 250 and out[:, 5].mean() < 5
