@@ -105,6 +105,20 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class ExportParams:
+    opset: int = 17
+    # none | int8: also write a static-QDQ, per-channel INT8 model calibrated on training images.
+    quantize: Literal["none", "int8"] = "none"
+    # The INT8 model is not written if its accuracy drops by more than this many points.
+    max_int8_drop: float = 1.0
+    calibration_images: int = 128
+    # The parity gate: max |p_onnx - p_torch| allowed, every eval image.
+    parity_tolerance: float = 0.0001
+    triton_model_name: str = "classifier"
+    triton_max_batch_size: int = 32
+
+
+@dataclass(frozen=True)
 class Params:
     # auto: CUDA when available (autocast + channels_last), else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -113,6 +127,7 @@ class Params:
     features: FeaturesParams = field(default_factory=FeaturesParams)
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    export: ExportParams = field(default_factory=ExportParams)
 
 
 def _type_name(tp: Any) -> str:
@@ -235,6 +250,13 @@ def _check_ranges(obj: Any, prefix: str) -> None:
     elif isinstance(obj, FeaturesParams):
         if obj.batch_size < 1 or obj.decode_workers < 1:
             raise ConfigError(f"{prefix}: batch_size and decode_workers must be >= 1")
+    elif isinstance(obj, ExportParams):
+        if obj.opset < 13 or obj.calibration_images < 1 or obj.triton_max_batch_size < 1:
+            raise ConfigError(f"{prefix}: opset must be >= 13, calibration_images and triton_max_batch_size >= 1")
+        if obj.max_int8_drop < 0 or obj.parity_tolerance <= 0:
+            raise ConfigError(f"{prefix}: max_int8_drop must be >= 0 and parity_tolerance > 0")
+        if not obj.triton_model_name.replace("_", "").replace("-", "").isalnum():
+            raise bad("triton_model_name", "must be letters, digits, - and _ only")
     elif isinstance(obj, EvaluateParams):
         if obj.ece_bins < 1 or obj.top_mistakes < 0:
             raise ConfigError(f"{prefix}: ece_bins must be >= 1 and top_mistakes >= 0")

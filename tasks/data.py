@@ -206,7 +206,7 @@ def build_manifest(root: Path, params: DataParams, report_root: Path | None = No
         for rel, label, _, _ in good:
             by_label[label].append(rel)
         assignment: dict[str, str] = {}
-        for label, rels in by_label.items():
+        for rels in by_label.values():
             assignment.update(stratified_split(rels, params.val_fraction, params.test_fraction, params.seed))
         good = [(rel, label, assignment[rel], sha) for rel, label, _, sha in good]
 

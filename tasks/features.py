@@ -9,7 +9,6 @@ or two ahead of the network, so memory stays bounded by a few batches.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 from tasks.backbone import BACKBONE_DIR, load_card, load_feature_extractor
 from tasks.config import Params, load_params
-from tasks.data import PREPARED_DIR, SPLITS, Dataset, load_dataset
+from tasks.data import PREPARED_DIR, SPLITS, load_dataset
 from tasks.files import atomic_path, read_json, sha256_bytes, write_json
 from tasks.preprocess import PreprocessingCard, load_image
 

@@ -27,7 +27,15 @@ def main(reports: Path = Path("reports"), models: Path = Path("models")) -> int:
         + (f"L2 {m['l2']}" if m["solver"] == "lbfgs" else f"epoch {m['best_epoch']}") + f" chosen on {m['model_selected_on']})",
         f"model     {models}/classifier.pt  (+ classifier.safetensors, head.pt, labels.json)",
         f"reports   {reports}/metrics.json, per_class.csv, confusion.png, calibration.png, mistakes.json",
-        "compare   dvc metrics show | dvc plots show | dvc exp run -S train.lr=0.003",
+    ]
+    parity_path = reports / "parity.json"
+    if parity_path.exists():
+        q = read_json(parity_path)
+        lines.append(f"onnx      export/model.onnx: onnxruntime accuracy {q['onnx_accuracy']:.4f} (PyTorch {q['torch_accuracy']:.4f}), "
+                     f"argmax agreement {q['argmax_agreement']:.2%}, max |dp| {q['max_abs_prob_diff']:.1e}; "
+                     f"Triton repository export/triton/")
+    lines += [
+        "compare   dvc metrics show | dvc plots show | dvc exp run -S train.head=mlp",
     ]
     print("\n".join(lines))
     return 0

@@ -149,3 +149,9 @@ def closed_port_url(path: str) -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     return f"http://127.0.0.1:{port}/{path}"
+
+
+def export_(w: Workdir, params: Params, out=None):
+    from tasks.export import export
+
+    return export(params, w.prepared, w.models, w.reports, out or w.base / "export")

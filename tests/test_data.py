@@ -1,7 +1,6 @@
 import csv
 import hashlib
 import io
-import json
 import pickle
 import tarfile
 from pathlib import Path
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CLASSES, closed_port_url, draw, make_imagefolder, tiny_params
+from conftest import closed_port_url, draw, make_imagefolder, tiny_params
 from tasks.config import parse_params
 from tasks.data import DataError, load_dataset, prepare, stratified_split
 from tasks.files import read_json
