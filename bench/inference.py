@@ -5,13 +5,15 @@
 DATA is an image folder (default ../shared/datasets/hymenoptera; without it, the offline
 digits demo). The pipeline (prepare -> ... -> export, INT8 included) runs first in a
 temporary folder; then both runtimes classify the same preprocessed images at batch 1
-and 32, alternating twice, best throughput of each kept. The last line is one JSON object.
+and 32, each runtime in its own process, alternating twice, best throughput of each kept.
+The last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -57,12 +59,40 @@ def rate(fn, n_images: int, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def measure(runtime: str, work: Path, seconds: float) -> dict:
+    """Images/s of one runtime on the saved input, at batch 1 and 32; run in its own process so that
+    neither runtime's thread pool (torch's OpenMP spin-wait, onnxruntime's spinning workers) slows the other."""
+    pixels = np.load(work / "pixels.npy")
+    if runtime == "torch":
+        from tasks.train import load_classifier
+
+        model, _ = load_classifier(work / "models" / "classifier.pt")
+
+        def run(x):
+            with torch.inference_mode():
+                return model(torch.from_numpy(x)).softmax(-1)
+    else:
+        from tasks.runtime import open_session
+
+        session, _ = open_session(work / "export" / "model.onnx", device="cpu")
+
+        def run(x):
+            return session.run(["probabilities"], {"images": x})
+
+    return {f"{runtime}_img_s_b{len(x)}": rate(lambda x=x: run(x), len(x), seconds) for x in (pixels[:1], pixels)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", nargs="?", type=Path, default=None)
     ap.add_argument("--no-int8", action="store_true")
     ap.add_argument("--seconds", type=float, default=3.0, help="timing window per measurement")
+    ap.add_argument("--measure", choices=["torch", "ort"], help=argparse.SUPPRESS)
+    ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure, args.work, args.seconds)))
+        return
     data = args.data or (DEFAULT_DATA if DEFAULT_DATA.is_dir() else None)
     if data is None:
         print(f"{DEFAULT_DATA} not found: benchmarking on the offline digits demo", file=sys.stderr)
@@ -73,24 +103,21 @@ def main() -> None:
     from tasks.train import load_classifier
 
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
-        params, d, exported = build(data, Path(tmp), not args.no_int8)
+        work = Path(tmp)
+        params, d, exported = build(data, work, not args.no_int8)
         model, _ = load_classifier(d["models"] / "classifier.pt")
         ds = load_dataset(d["prepared"])
         items = (ds.split("test") or ds.split("val"))[:32]
         pixels = np.stack([load_image(ds.resolve(it), model.features.card) for it in items])
-        session, provider = open_session(exported.model_path, device="cpu")
-
-        def torch_run(x):
-            with torch.inference_mode():
-                return model(torch.from_numpy(x)).softmax(-1)
-
+        np.save(work / "pixels.npy", pixels)
+        _, provider = open_session(exported.model_path, device="cpu")
         speeds: dict[str, float] = {}
-        for _ in range(2):  # alternate, keep the best of each: drift hits both sides alike
-            for b, x in (("b1", pixels[:1]), ("b32", pixels)):
-                for name, fn in (("torch", lambda x=x: torch_run(x)),
-                                 ("ort", lambda x=x: session.run(["probabilities"], {"images": x}))):
-                    key = f"{name}_img_s_{b}"
-                    speeds[key] = max(speeds.get(key, 0.0), rate(fn, len(x), args.seconds))
+        for _ in range(2):  # alternate, best of each: drift hits both sides alike
+            for runtime in ("torch", "ort"):
+                out = subprocess.run([sys.executable, __file__, "--measure", runtime, "--work", str(work),
+                                      "--seconds", str(args.seconds)], check=True, capture_output=True, text=True)
+                for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items():
+                    speeds[k] = max(speeds.get(k, 0.0), v)
 
     q, i = exported.parity, exported.int8
     result = {
