@@ -31,6 +31,7 @@ test: venv
 
 bench: venv
 	python bench/train_speed.py ../shared/datasets/hymenoptera
+	python bench/inference.py ../shared/datasets/hymenoptera
 
 clean-artifacts:
 	rm -rf data/prepared features models reports

@@ -98,15 +98,23 @@ def classification_metrics(logits: np.ndarray, y: np.ndarray, classes: list[str]
 # ---------------------------------------------------------------- plots
 
 
+def new_figure(size: tuple[float, float]):
+    """A figure on the Agg canvas, without pyplot's global state (and its import time)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    return fig, fig.subplots()
+
+
+def save_png(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = len(classes)
     size = min(4 + 0.45 * n, 24)
-    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    fig, ax = new_figure((size, size * 0.85))
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     if n <= 30:
@@ -121,19 +129,11 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str) -
     ax.set_ylabel("actual")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of actual class")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_calibration(bins: list[dict], ece: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = new_figure((5, 5))
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     pts = [(b["confidence"], b["accuracy"], b["count"]) for b in bins if b["count"]]
     if pts:
@@ -147,10 +147,7 @@ def plot_calibration(bins: list[dict], ece: float, path: Path) -> None:
     ax.set_ylabel("accuracy")
     ax.set_title(f"reliability, ECE = {ece:.4f}")
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 # ---------------------------------------------------------------- stage
