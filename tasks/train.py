@@ -5,8 +5,10 @@ frozen backbone is never touched. `train.augment` runs the frozen backbone every
 epoch on randomly cropped/flipped images instead; `train.unfreeze_blocks: N`
 trains the last N backbone blocks with the head (their BatchNorm included).
 
-Model selection is honest: the epoch is chosen on val when a test split exists.
-Without a test split val is the evaluation split, so the epoch is chosen on a
+The default linear head is logistic regression solved with L-BFGS, its L2 strength
+chosen from `train.l2`; adamw/adam/sgd train by epochs with early stopping.
+Model selection is honest: L2 or epoch is chosen on val when a test split exists.
+Without a test split val is the evaluation split, so the choice is made on a
 stratified holdout of train and (on cached features) the head is then refit on all of train.
 
 Outputs: models/head.pt, models/classifier.pt (+ .safetensors), models/labels.json,
@@ -59,11 +61,13 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def make_optimizer(groups: list[dict], p: TrainParams) -> torch.optim.Optimizer:
-    if p.optimizer == "adamw":
+    if p.solver == "adamw":
         return torch.optim.AdamW(groups, lr=p.lr, weight_decay=p.weight_decay)
-    if p.optimizer == "adam":  # the reference recipe: torch.optim.Adam, L2 in the gradient
+    if p.solver == "adam":  # the reference recipe: torch.optim.Adam, L2 in the gradient
         return torch.optim.Adam(groups, lr=p.lr, weight_decay=p.weight_decay)
-    return torch.optim.SGD(groups, lr=p.lr, momentum=0.9, nesterov=True, weight_decay=p.weight_decay)
+    if p.solver == "sgd":
+        return torch.optim.SGD(groups, lr=p.lr, momentum=0.9, nesterov=True, weight_decay=p.weight_decay)
+    raise ValueError(f"{p.solver} is not a gradient-descent optimizer")
 
 
 def make_schedule(opt: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: int):

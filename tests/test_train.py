@@ -6,6 +6,7 @@ import torch
 
 from conftest import tiny_params
 from tasks.features import FeatureCache
+from tasks.files import read_json
 from tasks.train import load_classifier
 
 
@@ -26,6 +27,7 @@ def test_backbone_state_is_byte_identical_after_training(imagefolder, workdir, b
     workdir.prepare(params)
     workdir.features_(params)
     workdir.train(params)
+    assert read_json(workdir.reports / "train.json")["solver"] == params.train.solver
     after = backbone_bytes(classifier_backbone(workdir.models))
     assert after.keys() == before.keys()
     assert [k for k in before if before[k] != after[k]] == []
@@ -111,3 +113,15 @@ def test_reference_recipe_optimizer_settings_run(imagefolder, workdir):
     hist = (workdir.reports / "train_history.csv").read_text().splitlines()
     assert len(hist) == 1 + 10  # header + every epoch: no early stopping
     assert read_json(workdir.reports / "train.json")["solver"] == "adam"
+
+
+@pytest.mark.parametrize("train, expected", [
+    ({"augment": True}, "AdamW"), ({"head": "mlp"}, "AdamW"), ({"unfreeze_blocks": 1}, "AdamW"),
+    ({"optimizer": "adam"}, "Adam"), ({"optimizer": "sgd"}, "SGD"),
+])
+def test_auto_optimizer_builds_the_optimizer_it_names(train, expected):
+    from tasks.config import parse_params
+    from tasks.train import make_optimizer
+
+    opt = make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(2))]}], parse_params({"train": train}).train)
+    assert type(opt).__name__ == expected
