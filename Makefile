@@ -7,12 +7,13 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv run test bench clean-artifacts
+.PHONY: help venv run test bench deployment-run clean-artifacts
 
 help:
 	@echo "make run    - set up .venv, run the pipeline (dvc repro) on params.yaml, print a summary"
 	@echo "make test   - set up .venv, run the test suite"
 	@echo "make bench  - benchmarks (needs ../shared/datasets/hymenoptera)"
+	@echo "make deployment-run - Prefect: server (if none answers), pool, deployments, worker; run transfer-learning/local"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,9 @@ run: venv
 
 test: venv
 	python -m pytest -q tests
+
+deployment-run: venv
+	python -m flows.deployment_run
 
 bench: venv
 	python bench/train_speed.py ../shared/datasets/hymenoptera

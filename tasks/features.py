@@ -149,7 +149,9 @@ def compute_features(
     backbone_dir: Path = BACKBONE_DIR,
     out_dir: Path = FEATURES_DIR,
     force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> FeaturesResult:
+    """Features of every split, or the stored ones when their key still holds. `progress(done, total)` per batch."""
     t0 = time.perf_counter()
     dataset = load_dataset(prepared_dir)
     card = load_card(backbone_dir)
@@ -178,6 +180,8 @@ def compute_features(
                 out[i : i + len(batch)] = run(batch)
                 i += len(batch)
                 bar.update(len(batch))
+                if progress:
+                    progress(bar.n, total)
             arrays[f"x_{split}"] = out
             arrays[f"y_{split}"] = np.array([dataset.label_index(it) for it in items], dtype=np.int64)
     rate = total / max(time.perf_counter() - t_net, 1e-9)

@@ -57,7 +57,8 @@ def test_repro_produces_metrics_and_a_clean_status(repo):
     flat = json.dumps(shown)
     assert '"accuracy"' in flat and "reports/metrics.json" in flat
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "backbone", "features", "train", "evaluate"}
+    assert set(lock["stages"]) == {"prepare", "backbone", "features", "train", "evaluate", "export"}
+    assert json.loads((repo / "reports" / "parity.json").read_text())["passed"]
 
 
 def test_plots_render(repo):

@@ -1,0 +1,212 @@
+"""The whole pipeline as one Prefect flow, each DVC stage a Prefect task. Wiring only: the work is in tasks/.
+
+Every stage asks DVC first: an up-to-date stage is skipped (reported as cached);
+otherwise its stage function runs here and `dvc commit` records its deps, params and
+outputs in dvc.lock, exactly as `dvc repro` would. So after a flow run `dvc status`
+is clean and `dvc repro` does nothing. Parameter overrides are validated before any
+work and written into params.yaml (comments kept), where DVC sees them. The run ends
+with `dvc push` to the default remote: the tasks exchange files, never memory, so
+they can run on other machines that share the remote.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.tasks import exponential_backoff
+
+STAGES = ("prepare", "backbone", "features", "train", "evaluate", "export")
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        if not isinstance(tree.get(key), dict):
+            tree[key] = {}
+        tree = tree[key]
+    tree[leaf] = value
+
+
+def apply_overrides(overrides: dict[str, Any], params_file: Path = Path("params.yaml")):
+    """Validate dotted overrides ({"train.l2": [0.01]}) with params.yaml, then write them into it (comments kept).
+
+    An unknown key or a wrong type raises ConfigError naming it, before any work runs.
+    """
+    from ruamel.yaml import YAML
+
+    from tasks.config import parse_params
+    from tasks.files import write_text
+
+    yaml = YAML()
+    doc = yaml.load(params_file.read_text())
+    plain = json.loads(json.dumps(doc))
+    for dotted, value in overrides.items():
+        set_dotted(plain, dotted, value)
+    params = parse_params(plain)
+    if overrides:
+        for dotted, value in overrides.items():
+            set_dotted(doc, dotted, value)
+        buf = io.StringIO()
+        yaml.dump(doc, buf)
+        write_text(params_file, buf.getvalue())
+    return params
+
+
+def stage_is_current(stage: str) -> bool:
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        return not repo.status(targets=[stage])
+
+
+def record_stage(stage: str) -> None:
+    """dvc commit: write the stage's deps, params and outs into dvc.lock and the DVC cache."""
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        repo.commit(stage, force=True)
+
+
+def progress_reporter(key: str, description: str) -> Callable[[int, int], None]:
+    artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
+    last = [-1.0]
+
+    def report(done: int, total: int) -> None:
+        pct = round(100.0 * done / max(total, 1), 1)
+        if pct - last[0] >= 5 or done == total:  # a handful of API calls, not one per batch
+            update_progress_artifact(artifact_id, progress=pct)
+            last[0] = pct
+
+    return report
+
+
+def run_stage(stage: str, fn: Callable[[], Any]) -> dict:
+    logger = get_run_logger()
+    if stage_is_current(stage):
+        logger.info("stage %s is up to date in DVC: cached, skipped", stage)
+        return {"stage": stage, "cached": True}
+    result = fn()
+    record_stage(stage)
+    logger.info("stage %s ran and was committed to dvc.lock", stage)
+    return {"stage": stage, "cached": False, "result": repr(result)[:500]}
+
+
+# Network-bound stages (dataset download, weights fetch) retry with exponential backoff.
+@task(name="prepare", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5))
+def prepare_task() -> dict:
+    from tasks.config import load_params
+    from tasks.data import prepare
+
+    return run_stage("prepare", lambda: prepare(load_params().data))
+
+
+@task(name="backbone", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5))
+def backbone_task() -> dict:
+    from tasks.backbone import build_backbone
+    from tasks.config import load_params
+
+    return run_stage("backbone", lambda: build_backbone(load_params().backbone))
+
+
+@task(name="features")
+def features_task() -> dict:
+    from tasks.config import load_params
+    from tasks.features import compute_features
+
+    return run_stage("features", lambda: compute_features(
+        load_params(), progress=progress_reporter("features-progress", "frozen-backbone features")))
+
+
+@task(name="train")
+def train_task() -> dict:
+    from tasks.config import load_params
+    from tasks.train import train
+
+    return run_stage("train", lambda: train(load_params()))
+
+
+@task(name="evaluate")
+def evaluate_task() -> dict:
+    from tasks.config import load_params
+    from tasks.evaluate import evaluate
+
+    return run_stage("evaluate", lambda: evaluate(load_params()))
+
+
+@task(name="export")
+def export_task() -> dict:
+    from tasks.config import load_params
+    from tasks.export import export
+
+    return run_stage("export", lambda: export(load_params()))
+
+
+@task(name="dvc-push", retries=2, retry_delay_seconds=5)
+def push_task() -> int:
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        return int(repo.push())
+
+
+def model_card(params, metrics: dict, parity: dict, dataset: dict, card: dict) -> str:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in metrics.items())
+    return f"""# Model card: {params.backbone.name} + {params.train.head} head
+
+**Data**: `{dataset['dataset']}` ({len(dataset['classes'])} classes: {", ".join(dataset['classes'][:20])}{" ..." if len(dataset['classes']) > 20 else ""}),
+splits {dataset['counts']}, manifest sha256 `{dataset['manifest_sha256']}`, skipped files {dataset['skipped']}.
+
+**Backbone**: `{card['arch']}` from {card['source']} (weights sha256 `{card['weights_sha256'][:16]}...`), frozen, {card['feature_dim']}-d features;
+input {card['input_size'][0]}x{card['input_size'][1]}, resize {card['resize_size']} ({card['interpolation']}), mean {card['mean']}, std {card['std']}.
+
+**Training**: solver {metrics.get('solver')}, chosen on {metrics.get('model_selected_on')}; params: `{json.dumps(dict(head=params.train.head, l2=params.train.l2, seed=params.train.seed))}`.
+
+**Evaluation** on the {metrics.get('eval_split')} split (onnxruntime accuracy {parity.get('onnx_accuracy', float('nan')):.4f}):
+
+| metric | value |
+|---|---|
+{rows}
+
+**Parity** (onnxruntime vs PyTorch, {parity.get('n')} images): argmax agreement {parity.get('argmax_agreement')}, max |dp| {parity.get('max_abs_prob_diff')}.
+
+**Artifacts**: `export/model.onnx` (deployable), `export/triton/{params.export.triton_model_name}/` (Triton repository),
+`models/classifier.pt`, `reports/` — all versioned by DVC (`dvc.lock`) and pushed to the DVC remote.
+"""
+
+
+@flow(name="transfer-learning", log_prints=True)
+def transfer_learning(overrides: dict[str, Any] | None = None, push: bool = True) -> dict:
+    """prepare -> backbone -> features -> train -> evaluate -> export, each skipped when DVC says it is current."""
+    from tasks.files import read_json
+
+    logger = get_run_logger()
+    params = apply_overrides(overrides or {})
+    logger.info("params validated%s", f"; overrides written to params.yaml: {overrides}" if overrides else "")
+    results = [prepare_task(), backbone_task(), features_task(), train_task(), evaluate_task(), export_task()]
+    metrics = read_json("reports/metrics.json")
+    parity = read_json("reports/parity.json")
+    create_table_artifact(
+        key="metrics", table=[{"metric": k, "value": v} for k, v in {**metrics, **{f"parity_{k}": v for k, v in parity.items()
+                                                                                  if not isinstance(v, dict)}}.items()],
+        description=f"evaluation on the {metrics['eval_split']} split",
+    )
+    create_markdown_artifact(
+        key="model-card", markdown=model_card(params, metrics, parity, read_json("data/prepared/dataset.json"),
+                                              read_json("models/backbone/card.json")),
+        description="data, backbone, params, metrics, parity, artifacts",
+    )
+    pushed = push_task() if push else 0
+    cached = [r["stage"] for r in results if r["cached"]]
+    logger.info("done: %s cached, %s ran; %s file(s) pushed to the DVC remote", cached,
+                [r["stage"] for r in results if not r["cached"]], pushed)
+    return {"stages": results, "metrics": metrics, "parity": parity, "pushed": pushed, "cwd": os.getcwd()}
+
+
+if __name__ == "__main__":
+    transfer_learning()
