@@ -128,7 +128,7 @@ def train_task() -> dict:
     from tasks.config import load_params
     from tasks.train import train
 
-    return run_stage("train", lambda: train(load_params()))
+    return run_stage("train", lambda: train(load_params(), progress=progress_reporter("train-progress", "head training")))
 
 
 @task(name="evaluate")

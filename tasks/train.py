@@ -26,6 +26,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from tasks.model import (
 from tasks.preprocess import PreprocessingCard, decode_rgb
 
 MODELS_DIR = Path("models")
+Progress = Callable[[int, int], None]
 REPORTS_DIR = Path("reports")
 
 
@@ -97,6 +99,7 @@ def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
 def fit_head(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, p: TrainParams,
     x_sel: torch.Tensor | None, y_sel: torch.Tensor | None, stop_at: int | None = None, desc: str = "train head",
+    progress: Progress | None = None,
 ) -> tuple[nn.Module, list[dict], int, float]:
     """Mini-batch training of the head; returns (head at the best selection epoch, history, best epoch, best acc)."""
     gen = seed_everything(p.seed)
@@ -140,6 +143,8 @@ def fit_head(
                 history.append(row)
                 break
         history.append(row)
+        if progress:
+            progress(epoch, epochs)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}",
                         **({"sel_acc": f"{row['select_acc']:.3f}"} if x_sel is not None else {}))
     if x_sel is None:
@@ -184,7 +189,7 @@ def scores(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, fl
 
 
 def select_l2(x: torch.Tensor, y: torch.Tensor, num_classes: int, p: TrainParams,
-              x_sel: torch.Tensor, y_sel: torch.Tensor) -> tuple[nn.Module, list[dict], float, float]:
+              x_sel: torch.Tensor, y_sel: torch.Tensor, progress: Progress | None = None) -> tuple[nn.Module, list[dict], float, float]:
     """Fit one head per candidate L2 strength; keep the best on the selection split (accuracy, then loss)."""
     history, best = [], None
     for step, l2 in enumerate(tqdm(p.l2, desc="train head (lbfgs)", unit="fit", disable=None), start=1):
@@ -193,12 +198,15 @@ def select_l2(x: torch.Tensor, y: torch.Tensor, num_classes: int, p: TrainParams
         sel_loss, sel_acc = scores(head, x_sel, y_sel)
         history.append({"step": step, "l2": l2, "train_loss": train_loss, "train_acc": train_acc,
                         "select_loss": sel_loss, "select_acc": sel_acc})
+        if progress:
+            progress(step, len(p.l2))
         if best is None or (sel_acc, -sel_loss) > (best[0], -best[1]):
             best = (sel_acc, sel_loss, l2, head)
     return best[3], history, best[2], best[0]
 
 
-def train_on_features(params: Params, dataset: Dataset, feats: dict[str, np.ndarray]) -> tuple[nn.Module, list[dict], dict]:
+def train_on_features(params: Params, dataset: Dataset, feats: dict[str, np.ndarray],
+                      progress: Progress | None = None) -> tuple[nn.Module, list[dict], dict]:
     """Head on cached features. Returns (head, history, summary with the chosen epoch or L2)."""
     p = params.train
     n_classes = len(dataset.classes)
@@ -214,13 +222,13 @@ def train_on_features(params: Params, dataset: Dataset, feats: dict[str, np.ndar
     x_fit, y_fit = (x, y) if fit_idx is None else (x[fit_idx], y[fit_idx])
 
     if p.solver == "lbfgs":
-        head, history, l2, acc = select_l2(x_fit, y_fit, n_classes, p, x_sel, y_sel)
+        head, history, l2, acc = select_l2(x_fit, y_fit, n_classes, p, x_sel, y_sel, progress)
         if fit_idx is not None:
             head = fit_lbfgs(x, y, n_classes, l2, p)
         return head, history, {"solver": "lbfgs", "l2": l2, "best_epoch": None, "selection": selection,
                                "selection_accuracy": acc}
     head, history, best, acc = fit_head(x_fit, y_fit, n_classes, p, x_sel, y_sel,
-                                        desc="select epoch" if fit_idx is not None else "train head")
+                                        desc="select epoch" if fit_idx is not None else "train head", progress=progress)
     if fit_idx is not None:
         head, refit_hist, _, _ = fit_head(x, y, n_classes, p, None, None, stop_at=best, desc="refit head")
         history += [{**row, "phase": "refit"} for row in refit_hist]
@@ -260,7 +268,8 @@ class ImageBatches(torch.utils.data.Dataset):
         return torch.from_numpy(pixels), self.dataset.label_index(item)
 
 
-def train_through_backbone(params: Params, dataset: Dataset, extractor: FeatureExtractor) -> tuple[nn.Module, list[dict], dict]:
+def train_through_backbone(params: Params, dataset: Dataset, extractor: FeatureExtractor,
+                           progress: Progress | None = None) -> tuple[nn.Module, list[dict], dict]:
     """AdamW-family training with the backbone in the loop; the best selection epoch is kept (no refit)."""
     p = params.train
     device = pick_device(params.device)
@@ -314,6 +323,8 @@ def train_through_backbone(params: Params, dataset: Dataset, extractor: FeatureE
         history.append({"step": epoch, "train_loss": total_loss / seen, "train_acc": correct / seen,
                         "select_acc": sel_acc, "lr": opt.param_groups[0]["lr"]})
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", sel_acc=f"{sel_acc:.3f}")
+        if progress:
+            progress(epoch, p.epochs)
         if sel_acc > best[0]:
             best = (sel_acc, epoch, copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()}))
         elif p.patience and epoch - best[1] >= p.patience:
@@ -395,19 +406,21 @@ def write_history(history: list[dict], path: Path) -> None:
 
 
 def train(params: Params, prepared_dir: Path = PREPARED_DIR, backbone_dir: Path = BACKBONE_DIR,
-          features_dir: Path = FEATURES_DIR, out_dir: Path = MODELS_DIR, reports_dir: Path = REPORTS_DIR) -> TrainResult:
+          features_dir: Path = FEATURES_DIR, out_dir: Path = MODELS_DIR, reports_dir: Path = REPORTS_DIR,
+          progress: Progress | None = None) -> TrainResult:
+    """Fit the head (or head + unfrozen blocks); `progress(done, total)` per epoch or per L2 candidate."""
     t0 = time.perf_counter()
     p = params.train
     dataset = load_dataset(prepared_dir)
     extractor = load_feature_extractor(backbone_dir)
     card = extractor.card
     if p.augment or p.unfreeze_blocks:
-        model, history, summary = train_through_backbone(params, dataset, extractor)
+        model, history, summary = train_through_backbone(params, dataset, extractor, progress)
     else:
         feats = FeatureCache(features_dir).load()
         if len(feats["x_train"]) != len(dataset.split("train")):
             raise RuntimeError(f"{features_dir} does not match {prepared_dir}: re-run the features stage")
-        head, history, summary = train_on_features(params, dataset, feats)
+        head, history, summary = train_on_features(params, dataset, feats, progress)
         model = Classifier(extractor, head)
     extra = {**summary, "backbone_trained": bool(p.unfreeze_blocks), "manifest_sha256": dataset.manifest_sha256}
     path = save_classifier(model, card, dataset.classes, params, extra, Path(out_dir))
