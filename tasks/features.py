@@ -167,23 +167,25 @@ def compute_features(
     else:
         run = torch_runner(Path(backbone_dir), params.device)
 
-    arrays: dict[str, np.ndarray] = {}
-    total = sum(counts.values())
+    # One stream over all splits (in split order), so decoding never stalls at a split boundary.
+    items = [it for split in counts for it in dataset.split(split)]
+    features = np.empty((len(items), card.feature_dim), dtype=np.float32)
+    total, done = len(items), 0
     t_net = time.perf_counter()
     with tqdm(total=total, desc=f"features ({engine})", unit="img", disable=None) as bar:
-        for split in counts:
-            items = dataset.split(split)
-            out = np.empty((len(items), card.feature_dim), dtype=np.float32)
-            i = 0
-            for batch in decoded_batches([dataset.resolve(it) for it in items], card, params.features.batch_size,
-                                         params.features.decode_workers):
-                out[i : i + len(batch)] = run(batch)
-                i += len(batch)
-                bar.update(len(batch))
-                if progress:
-                    progress(bar.n, total)
-            arrays[f"x_{split}"] = out
-            arrays[f"y_{split}"] = np.array([dataset.label_index(it) for it in items], dtype=np.int64)
+        for batch in decoded_batches([dataset.resolve(it) for it in items], card, params.features.batch_size,
+                                     params.features.decode_workers):
+            features[done : done + len(batch)] = run(batch)
+            done += len(batch)
+            bar.update(len(batch))
+            if progress:
+                progress(done, total)
+    arrays: dict[str, np.ndarray] = {}
+    start = 0
+    for split, n in counts.items():
+        arrays[f"x_{split}"] = features[start : start + n]
+        arrays[f"y_{split}"] = np.array([dataset.label_index(it) for it in items[start : start + n]], dtype=np.int64)
+        start += n
     rate = total / max(time.perf_counter() - t_net, 1e-9)
     cache.save(key, arrays, {"engine": engine, "counts": counts, "feature_dim": card.feature_dim,
                              "manifest_sha256": dataset.manifest_sha256, "weights_sha256": card.weights_sha256,
