@@ -7,12 +7,14 @@ BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help venv run test bench deployment-run clean-artifacts
+.PHONY: help venv run test bench deployment-run serve image clean-artifacts
 
 help:
 	@echo "make run    - set up .venv, run the pipeline (dvc repro) on params.yaml, print a summary"
 	@echo "make test   - set up .venv, run the test suite"
 	@echo "make bench  - benchmarks (needs ../shared/datasets/hymenoptera)"
+	@echo "make serve  - serve export/model.onnx on 127.0.0.1:8000 (Open Inference Protocol + /v1/predict)"
+	@echo "make image  - build the serving image (podman or docker; offline base image made first)"
 	@echo "make deployment-run - Prefect: server (if none answers), pool, deployments, worker; run transfer-learning/local"
 
 $(VENV)/.installed: pyproject.toml
@@ -30,12 +32,20 @@ run: venv
 test: venv
 	python -m pytest -q tests
 
+serve: venv
+	python -m deploy.server --model-path export/model.onnx --host 127.0.0.1 --port 8000
+
+image:
+	deploy/make-base-image.sh
+	deploy/build-image.sh --model export/model.onnx
+
 deployment-run: venv
 	python -m flows.deployment_run
 
 bench: venv
 	python bench/train_speed.py ../shared/datasets/hymenoptera
 	python bench/inference.py ../shared/datasets/hymenoptera
+	python bench/serve_load.py
 
 clean-artifacts:
 	rm -rf data/prepared features models reports
