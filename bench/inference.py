@@ -5,7 +5,7 @@
 DATA is an image folder (default ../shared/datasets/hymenoptera; without it, the offline
 digits demo). The pipeline (prepare -> ... -> export, INT8 included) runs first in a
 temporary folder; then both runtimes classify the same preprocessed images at batch 1
-and 32, each runtime in its own process, alternating twice, best throughput of each kept.
+and 32, each runtime in its own process, alternating three times, best throughput of each kept.
 The last line is one JSON object.
 """
 
@@ -112,7 +112,7 @@ def main() -> None:
         np.save(work / "pixels.npy", pixels)
         _, provider = open_session(exported.model_path, device="cpu")
         speeds: dict[str, float] = {}
-        for _ in range(2):  # alternate, best of each: drift hits both sides alike
+        for _ in range(3):  # alternate, best of each: drift hits both sides alike
             for runtime in ("torch", "ort"):
                 out = subprocess.run([sys.executable, __file__, "--measure", runtime, "--work", str(work),
                                       "--seconds", str(args.seconds)], check=True, capture_output=True, text=True)
