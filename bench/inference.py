@@ -1,12 +1,13 @@
 """The exported model in onnxruntime vs the same classifier in eager PyTorch: same machine, run, input.
 
-    python bench/inference.py [DATA] [--no-int8] [--seconds 3]
+    python bench/inference.py [DATA] [--no-int8] [--rounds 10] [--window 1.0]
 
 DATA is an image folder (default ../shared/datasets/hymenoptera; without it, the offline
 digits demo). The pipeline (prepare -> ... -> export, INT8 included) runs first in a
-temporary folder; then both runtimes classify the same preprocessed images at batch 1
-and 32, each runtime in its own process, alternating three times, best throughput of each kept.
-The last line is one JSON object.
+temporary folder. Then each runtime loads in its own process and both classify the same
+preprocessed images in short alternating windows (batch 1 and 32), so both sample the same
+drift of the machine's speed; img/s is total images over total time per side. The last line
+is one JSON object.
 """
 
 from __future__ import annotations
@@ -50,19 +51,7 @@ def build(data: Path | None, work: Path, int8: bool):
     return params, d, result
 
 
-def rate(fn, n_images: int, seconds: float) -> float:
-    fn()  # warm-up
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or n < 3 * n_images:
-        fn()
-        n += n_images
-    return n / (time.perf_counter() - t0)
-
-
-def measure(runtime: str, work: Path, seconds: float) -> dict:
-    """Images/s of one runtime on the saved input, at batch 1 and 32; run in its own process so that
-    neither runtime's thread pool (torch's OpenMP spin-wait, onnxruntime's spinning workers) slows the other."""
-    pixels = np.load(work / "pixels.npy")
+def load_runner(runtime: str, work: Path):
     if runtime == "torch":
         from tasks.train import load_classifier
 
@@ -79,19 +68,73 @@ def measure(runtime: str, work: Path, seconds: float) -> dict:
         def run(x):
             return session.run(["probabilities"], {"images": x})
 
-    return {f"{runtime}_img_s_b{len(x)}": rate(lambda x=x: run(x), len(x), seconds) for x in (pixels[:1], pixels)}
+    return run
+
+
+def worker(runtime: str, work: Path) -> None:
+    """A measuring process: loads one runtime, then times windows on command ("<batch> <seconds>" per line).
+
+    One process per runtime, so neither's thread pool (torch's OpenMP spin-wait, onnxruntime's
+    spinning workers) slows the other; the parent alternates short windows between the two, so
+    both sample the same drift of this machine's speed.
+    """
+    pixels = np.load(work / "pixels.npy")
+    run = load_runner(runtime, work)
+    for b in (1, len(pixels)):
+        for _ in range(3):
+            run(pixels[:b])  # warm-up
+    print("ready", flush=True)
+    for line in sys.stdin:
+        batch, seconds = int(line.split()[0]), float(line.split()[1])
+        x = pixels[:batch]
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            run(x)
+            n += batch
+        print(json.dumps({"images": n, "seconds": time.perf_counter() - t0}), flush=True)
+
+
+def paired_windows(work: Path, rounds: int, window: float, batch32: int) -> dict:
+    procs = {rt: subprocess.Popen([sys.executable, __file__, "--worker", rt, "--work", str(work)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True) for rt in ("torch", "ort")}
+    try:
+        for p in procs.values():
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError("a measuring worker failed to start")
+        totals = {(rt, b): [0, 0.0] for rt in procs for b in (1, batch32)}
+        ratios: dict[int, list[float]] = {1: [], batch32: []}
+        for r in range(rounds):
+            for b in (1, batch32):
+                order = ("torch", "ort") if r % 2 == 0 else ("ort", "torch")
+                rate = {}
+                for rt in order:
+                    procs[rt].stdin.write(f"{b} {window}\n")
+                    procs[rt].stdin.flush()
+                    res = json.loads(procs[rt].stdout.readline())
+                    totals[(rt, b)][0] += res["images"]
+                    totals[(rt, b)][1] += res["seconds"]
+                    rate[rt] = res["images"] / res["seconds"]
+                ratios[b].append(rate["ort"] / rate["torch"])
+        out = {f"{rt}_img_s_b{'32' if b == batch32 else '1'}": n / t for (rt, b), (n, t) in totals.items()}
+        out["window_ratio_b1_min_median_max"] = [round(f(ratios[1]), 2) for f in (min, np.median, max)]
+        return out
+    finally:
+        for p in procs.values():
+            p.stdin.close()
+            p.wait(timeout=30)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", nargs="?", type=Path, default=None)
     ap.add_argument("--no-int8", action="store_true")
-    ap.add_argument("--seconds", type=float, default=3.0, help="timing window per measurement")
-    ap.add_argument("--measure", choices=["torch", "ort"], help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=10, help="paired windows per batch size")
+    ap.add_argument("--window", type=float, default=1.0, help="seconds per timing window")
+    ap.add_argument("--worker", choices=["torch", "ort"], help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.measure:
-        print(json.dumps(measure(args.measure, args.work, args.seconds)))
+    if args.worker:
+        worker(args.worker, args.work)
         return
     data = args.data or (DEFAULT_DATA if DEFAULT_DATA.is_dir() else None)
     if data is None:
@@ -111,19 +154,13 @@ def main() -> None:
         pixels = np.stack([load_image(ds.resolve(it), model.features.card) for it in items])
         np.save(work / "pixels.npy", pixels)
         _, provider = open_session(exported.model_path, device="cpu")
-        speeds: dict[str, float] = {}
-        for _ in range(3):  # alternate, best of each: drift hits both sides alike
-            for runtime in ("torch", "ort"):
-                out = subprocess.run([sys.executable, __file__, "--measure", runtime, "--work", str(work),
-                                      "--seconds", str(args.seconds)], check=True, capture_output=True, text=True)
-                for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items():
-                    speeds[k] = max(speeds.get(k, 0.0), v)
+        speeds = paired_windows(work, args.rounds, args.window, len(pixels))
 
     q, i = exported.parity, exported.int8
     result = {
         "ort_over_torch_b1": round(speeds["ort_img_s_b1"] / speeds["torch_img_s_b1"], 2),
         "ort_over_torch_b32": round(speeds["ort_img_s_b32"] / speeds["torch_img_s_b32"], 2),
-        **{k: round(v, 1) for k, v in speeds.items()},
+        **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in speeds.items()},
         "batch32_images": len(pixels), "provider": provider, "threads": torch.get_num_threads(),
         "parity_argmax_agreement": q["argmax_agreement"], "parity_max_abs_prob_diff": q["max_abs_prob_diff"],
         "onnx_accuracy": round(q["onnx_accuracy"], 4), "torch_accuracy": round(q["torch_accuracy"], 4),
