@@ -155,3 +155,32 @@ def export_(w: Workdir, params: Params, out=None):
     from tasks.export import export
 
     return export(params, w.prepared, w.models, w.reports, out or w.base / "export")
+
+
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+                "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "prefect.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore",
+                 "data/raw/README.md")
+
+
+def project_copy(repo: Path, per_class: int = 6) -> Path:
+    """A git repository holding this project's code and DVC/Prefect files, its params pointed at a tiny
+    generated image folder in data/raw (split 50/25/25), committed once."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    for d in ("tasks", "flows"):
+        shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
+    for f in PROJECT_FILES:
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / f, repo / f)
+    make_imagefolder(repo / "data" / "raw", per_class=per_class)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"].update(dataset="imagefolder", root="data/raw", val_fraction=0.25, test_fraction=0.25)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, **GIT_IDENTITY}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=repo, env=env, check=True)
+    return repo

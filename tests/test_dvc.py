@@ -10,16 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_imagefolder
+from conftest import GIT_IDENTITY, project_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
 def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"}
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", **GIT_IDENTITY}
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
@@ -29,18 +27,7 @@ def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPro
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     """A git + DVC checkout of this project with a tiny image folder as its dataset, after `dvc repro`."""
-    repo = tmp_path_factory.mktemp("dvc") / "repo"
-    shutil.copytree(ROOT / "tasks", repo / "tasks", ignore=shutil.ignore_patterns("__pycache__"))
-    for f in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore", "data/raw/README.md"):
-        (repo / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / f, repo / f)
-    make_imagefolder(repo / "data" / "raw", per_class=6)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"].update(dataset="imagefolder", root="data/raw", val_fraction=0.25, test_fraction=0.25)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(["git", "init", "-q"], repo)
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "commit", "-qm", "init"], repo)
+    repo = project_copy(tmp_path_factory.mktemp("dvc") / "repo")
     sh(["dvc", "repro"], repo)
     return repo
 

@@ -11,9 +11,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import ROOT, make_imagefolder
+from conftest import GIT_IDENTITY, ROOT, project_copy
 from tasks.config import ConfigError
 
 BIN = Path(sys.executable).parent
@@ -36,24 +35,11 @@ def api(url: str, path: str, body: dict | None = None):
 def prefect_env(tmp_path_factory):
     """A git + DVC copy of the project on a tiny image folder, and a Prefect server this fixture starts."""
     base = tmp_path_factory.mktemp("prefect")
-    repo = base / "repo"
-    for d in ("tasks", "flows"):
-        shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
-    for f in ("dvc.yaml", "params.yaml", "prefect.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore",
-              "data/raw/README.md"):
-        (repo / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(ROOT / f, repo / f)
-    make_imagefolder(repo / "data" / "raw", per_class=6)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"].update(dataset="imagefolder", val_fraction=0.25, test_fraction=0.25)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    repo = project_copy(base / "repo")
     port = free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(base / "prefect-home"),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@example.invalid", "TQDM_DISABLE": "1"}
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=repo, env=env, check=True)
+           "TQDM_DISABLE": "1", **GIT_IDENTITY}
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=open(base / "server.log", "wb"), stderr=subprocess.STDOUT,
                               start_new_session=True)
