@@ -49,9 +49,19 @@ def stop(proc: subprocess.Popen, name: str) -> None:
             proc.wait()
 
 
+def prefect_exe(env: dict) -> str:
+    return shutil.which("prefect", path=env.get("PATH")) or "prefect"
+
+
 def prefect(*args: str, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    exe = shutil.which("prefect", path=env.get("PATH")) or "prefect"
-    return subprocess.run([exe, *args], env=env, check=check)
+    return subprocess.run([prefect_exe(env), *args], env=env, check=check)
+
+
+def background(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """`prefect ARGS` in its own process group (so stop() ends its children too), output appended to `log`."""
+    with open(log, "ab") as out:  # Popen keeps its own copy of the descriptor
+        return subprocess.Popen([prefect_exe(env), *args], env=env, start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT)
 
 
 def main() -> int:
@@ -73,17 +83,13 @@ def main() -> int:
         else:
             port = api_url.rsplit(":", 1)[1].split("/")[0]
             print(f"deployment-run: no server at {api_url}; starting one on 127.0.0.1:{port}", flush=True)
-            server = subprocess.Popen([shutil.which("prefect", path=env["PATH"]) or "prefect", "server", "start",
-                                       "--host", "127.0.0.1", "--port", port], env=env, start_new_session=True,
-                                      stdout=open(logs / "server.log", "ab"), stderr=subprocess.STDOUT)
+            server = background(["server", "start", "--host", "127.0.0.1", "--port", port], env, logs / "server.log")
             started.append((server, "server"))
             wait_for(api_url, server)
         if prefect("work-pool", "inspect", POOL, env=env, check=False).returncode != 0:
             prefect("work-pool", "create", POOL, "--type", "process", env=env)
         prefect("--no-prompt", "deploy", "--all", env=env)
-        worker = subprocess.Popen([shutil.which("prefect", path=env["PATH"]) or "prefect", "worker", "start",
-                                   "--pool", POOL, "--type", "process"], env=env, start_new_session=True,
-                                  stdout=open(logs / "worker.log", "ab"), stderr=subprocess.STDOUT)
+        worker = background(["worker", "start", "--pool", POOL, "--type", "process"], env, logs / "worker.log")
         started.append((worker, "worker"))
         params = [f"--param={p}" for p in args.param]
         return prefect("deployment", "run", args.deployment, "--watch", *params, env=env, check=False).returncode

@@ -105,14 +105,6 @@ def set_metadata(path: Path, props: dict[str, str]) -> None:
     onnx.save(model, str(path))
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    """The metadata as a deployer sees it (onnxruntime only)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return dict(session.get_modelmeta().custom_metadata_map)
-
-
 def eval_batches(dataset: Dataset, split: str, card: PreprocessingCard, batch_size: int,
                  workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     items = dataset.split(split)
