@@ -56,35 +56,36 @@ def build(data: Path | None, work: Path, int8: bool):
     return params, d, result
 
 
-def load_runner(runtime: str, work: Path):
-    if runtime in ("torch", "torch_nchw"):
-        from tasks.train import load_classifier
+def torch_runner(model, runtime: str):
+    """The classifier in eager PyTorch: `torch` feeds it the uint8 NHWC batch, `torch_nchw` feeds its network
+    an NCHW-contiguous float batch normalised before the model, as the reference example does (ToTensor +
+    Normalize). Same weights, same outputs; only the memory layout differs (the classifier's NHWC input makes
+    torch run channels_last)."""
+    if runtime == "torch":
 
-        model, _ = load_classifier(work / "models" / "classifier.pt")
-        if runtime == "torch":
-
-            def run(x):
-                with torch.inference_mode():
-                    return model(torch.from_numpy(x)).softmax(-1)
-        else:
-            # The reference example's way of feeding the same network: an NCHW-contiguous float
-            # batch, normalised before the model (ToTensor + Normalize). Same weights, same outputs;
-            # only the memory layout differs (the classifier's NHWC input makes torch run channels_last).
-            mean, std, net, head = model.features.mean, model.features.std, model.features.network, model.head
-
-            def run(x):
-                with torch.inference_mode():
-                    f = (torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().float() - mean) / std
-                    return head(net(f)).softmax(-1)
+        def run(x):
+            with torch.inference_mode():
+                return model(torch.from_numpy(x)).softmax(-1)
     else:
+        mean, std, net, head = model.features.mean, model.features.std, model.features.network, model.head
+
+        def run(x):
+            with torch.inference_mode():
+                f = (torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().float() - mean) / std
+                return head(net(f)).softmax(-1)
+
+    return run
+
+
+def load_runner(runtime: str, work: Path):
+    if runtime == "ort":
         from tasks.runtime import open_session
 
         session, _ = open_session(work / "export" / "model.onnx", device="cpu")
+        return lambda x: session.run(["probabilities"], {"images": x})
+    from tasks.train import load_classifier
 
-        def run(x):
-            return session.run(["probabilities"], {"images": x})
-
-    return run
+    return torch_runner(load_classifier(work / "models" / "classifier.pt")[0], runtime)
 
 
 def worker(runtime: str, work: Path) -> None:
@@ -158,7 +159,7 @@ def main() -> None:
 
     from tasks.data import load_dataset
     from tasks.preprocess import load_image
-    from tasks.runtime import open_session
+    from tasks.runtime import CPU
     from tasks.train import load_classifier
 
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
@@ -169,10 +170,9 @@ def main() -> None:
         items = (ds.split("test") or ds.split("val"))[:32]
         pixels = np.stack([load_image(ds.resolve(it), model.features.card) for it in items])
         np.save(work / "pixels.npy", pixels)
-        a, b = (load_runner(rt, work)(pixels[:4]) for rt in ("torch", "torch_nchw"))  # same function of the pixels
+        a, b = (torch_runner(model, rt)(pixels[:4]) for rt in ("torch", "torch_nchw"))  # same function of the pixels
         if not torch.allclose(a, b, atol=1e-4):
             raise RuntimeError("torch NHWC and NCHW runners disagree")
-        _, provider = open_session(exported.model_path, device="cpu")
         speeds = paired_windows(work, args.rounds, args.window, len(pixels))
 
     q, i = exported.parity, exported.int8
@@ -183,7 +183,8 @@ def main() -> None:
         "ort_over_torch_nchw_b1": round(speeds["ort_img_s_b1"] / speeds["torch_nchw_img_s_b1"], 2),
         "ort_over_torch_nchw_b32": round(speeds["ort_img_s_b32"] / speeds["torch_nchw_img_s_b32"], 2),
         **{k: (round(v, 1) if isinstance(v, float) else v) for k, v in speeds.items()},
-        "batch32_images": len(pixels), "provider": provider, "threads": torch.get_num_threads(),
+        # The ort worker opens its session with device="cpu", which always gets the CPU provider.
+        "batch32_images": len(pixels), "provider": CPU, "threads": torch.get_num_threads(),
         "parity_argmax_agreement": q["argmax_agreement"], "parity_max_abs_prob_diff": q["max_abs_prob_diff"],
         "onnx_accuracy": round(q["onnx_accuracy"], 4), "torch_accuracy": round(q["torch_accuracy"], 4),
         "parity_n": q["n"], "data": str(data or "digits"),
