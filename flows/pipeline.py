@@ -21,8 +21,6 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.tasks import exponential_backoff
 
-STAGES = ("prepare", "backbone", "features", "train", "evaluate", "export")
-
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
