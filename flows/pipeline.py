@@ -11,6 +11,7 @@ they can run on other machines that share the remote.
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -21,6 +22,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.tasks import exponential_backoff
 
+from tasks.config import Params
+
 
 def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
@@ -29,6 +32,18 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
             tree[key] = {}
         tree = tree[key]
     tree[leaf] = value
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}"""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted))
+        else:
+            out[dotted] = value
+    return out
 
 
 def apply_overrides(overrides: dict[str, Any], params_file: Path = Path("params.yaml")):
@@ -44,6 +59,8 @@ def apply_overrides(overrides: dict[str, Any], params_file: Path = Path("params.
     yaml = YAML()
     doc = yaml.load(params_file.read_text())
     plain = json.loads(json.dumps(doc))
+    current = flatten(plain)
+    overrides = {k: v for k, v in overrides.items() if k not in current or current[k] != v}  # only real changes
     for dotted, value in overrides.items():
         set_dotted(plain, dotted, value)
     params = parse_params(plain)
@@ -71,6 +88,14 @@ def record_stage(stage: str) -> None:
         repo.commit(stage, force=True)
 
 
+def dvc_stages(dvc_file: Path = Path("dvc.yaml")) -> list[tuple[str, str]]:
+    """(stage name, module) in dvc.yaml's order: the flow runs the very stages `dvc repro` runs."""
+    import yaml
+
+    stages = yaml.safe_load(dvc_file.read_text())["stages"]
+    return [(name, spec["cmd"].split(" -m ", 1)[1].split()[0]) for name, spec in stages.items()]
+
+
 def progress_reporter(key: str, description: str) -> Callable[[int, int], None]:
     artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
     last = [-1.0]
@@ -84,65 +109,48 @@ def progress_reporter(key: str, description: str) -> Callable[[int, int], None]:
     return report
 
 
-def run_stage(stage: str, fn: Callable[[], Any]) -> dict:
+# Stages that fetch over the network retry with exponential backoff (a user error is not retried).
+RETRIES = {"prepare": 3, "backbone": 3}
+PROGRESS = {"features": "frozen-backbone features", "train": "head training"}
+
+
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    from tasks.config import UserError
+
+    try:
+        state.result()
+    except UserError:
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be transient
+        return True
+    return False
+
+
+@task
+def run_stage(stage: str, module: str) -> dict:
+    """One DVC stage: skipped when DVC says it is current; else run, then recorded in dvc.lock.
+
+    A stage writes its outputs atomically, so when it fails nothing is committed and the
+    previous outputs (the last good data and model) stay in place.
+    """
+    from tasks.config import load_params
+    from tasks.layout import Layout
+
     logger = get_run_logger()
     if stage_is_current(stage):
         logger.info("stage %s is up to date in DVC: cached, skipped", stage)
         return {"stage": stage, "cached": True}
-    result = fn()
+    progress = progress_reporter(f"{stage}-progress", PROGRESS[stage]) if stage in PROGRESS else None
+    result = importlib.import_module(module).run(load_params(), Layout(), progress)
     record_stage(stage)
     logger.info("stage %s ran and was committed to dvc.lock", stage)
     return {"stage": stage, "cached": False, "result": repr(result)[:500]}
 
 
-# Network-bound stages (dataset download, weights fetch) retry with exponential backoff.
-@task(name="prepare", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5))
-def prepare_task() -> dict:
-    from tasks.config import load_params
-    from tasks.data import prepare
-
-    return run_stage("prepare", lambda: prepare(load_params().data))
-
-
-@task(name="backbone", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5))
-def backbone_task() -> dict:
-    from tasks.backbone import build_backbone
-    from tasks.config import load_params
-
-    return run_stage("backbone", lambda: build_backbone(load_params().backbone))
-
-
-@task(name="features")
-def features_task() -> dict:
-    from tasks.config import load_params
-    from tasks.features import compute_features
-
-    return run_stage("features", lambda: compute_features(
-        load_params(), progress=progress_reporter("features-progress", "frozen-backbone features")))
-
-
-@task(name="train")
-def train_task() -> dict:
-    from tasks.config import load_params
-    from tasks.train import train
-
-    return run_stage("train", lambda: train(load_params(), progress=progress_reporter("train-progress", "head training")))
-
-
-@task(name="evaluate")
-def evaluate_task() -> dict:
-    from tasks.config import load_params
-    from tasks.evaluate import evaluate
-
-    return run_stage("evaluate", lambda: evaluate(load_params()))
-
-
-@task(name="export")
-def export_task() -> dict:
-    from tasks.config import load_params
-    from tasks.export import export
-
-    return run_stage("export", lambda: export(load_params()))
+def stage_task(stage: str):
+    return run_stage.with_options(
+        name=stage, retries=RETRIES.get(stage, 0), retry_delay_seconds=exponential_backoff(backoff_factor=5),
+        retry_condition_fn=_retry_unless_user_error)
 
 
 @task(name="dvc-push", retries=2, retry_delay_seconds=5)
@@ -179,24 +187,29 @@ input {card['input_size'][0]}x{card['input_size'][1]}, resize {card['resize_size
 
 
 @flow(name="transfer-learning", log_prints=True)
-def transfer_learning(overrides: dict[str, Any] | None = None, push: bool = True) -> dict:
-    """prepare -> backbone -> features -> train -> evaluate -> export, each skipped when DVC says it is current."""
+def transfer_learning(params: Params | None = None, overrides: dict[str, Any] | None = None, push: bool = True) -> dict:
+    """The stages of dvc.yaml in order, each skipped when DVC says it is current.
+
+    params: the whole typed parameter set (the Prefect UI shows it as a form); written into params.yaml.
+    overrides: dotted keys on top, e.g. {"train.head": "mlp"}. Both are validated before any work runs.
+    """
     from tasks.files import read_json
+    from tasks.layout import Layout
 
     logger = get_run_logger()
-    params = apply_overrides(overrides or {})
-    logger.info("params validated%s", f"; overrides written to params.yaml: {overrides}" if overrides else "")
-    results = [prepare_task(), backbone_task(), features_task(), train_task(), evaluate_task(), export_task()]
-    metrics = read_json("reports/metrics.json")
-    parity = read_json("reports/parity.json")
+    params = apply_overrides({**flatten(params.model_dump(mode="json") if params else {}), **(overrides or {})})
+    logger.info("params validated%s", f"; written to params.yaml: {overrides}" if overrides else "")
+    results = [stage_task(stage)(stage, module) for stage, module in dvc_stages()]
+    layout = Layout()
+    metrics, parity = read_json(layout.metrics), read_json(layout.parity)
     create_table_artifact(
         key="metrics", table=[{"metric": k, "value": v} for k, v in {**metrics, **{f"parity_{k}": v for k, v in parity.items()
                                                                                   if not isinstance(v, dict)}}.items()],
         description=f"evaluation on the {metrics['eval_split']} split",
     )
     create_markdown_artifact(
-        key="model-card", markdown=model_card(params, metrics, parity, read_json("data/prepared/dataset.json"),
-                                              read_json("models/backbone/card.json")),
+        key="model-card", markdown=model_card(params, metrics, parity, read_json(layout.prepared / "dataset.json"),
+                                              read_json(layout.card_json)),
         description="data, backbone, params, metrics, parity, artifacts",
     )
     pushed = push_task() if push else 0

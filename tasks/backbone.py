@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.config import BackboneParams, load_params
-from tasks.files import atomic_path, sha256_file, write_json, read_json
+from tasks.cli import stage_main
+from tasks.config import BackboneParams, Params, UserError
+from tasks.files import atomic_dir, atomic_path, sha256_file, write_json
+from tasks.layout import Layout, Progress
 from tasks.model import FeatureExtractor, build_network, freeze, with_static_padding
 from tasks.preprocess import PreprocessingCard
-
-BACKBONE_DIR = Path("models/backbone")
 
 # name -> (torchvision builder, weights enum, member)
 TORCHVISION_BACKBONES = {
@@ -44,7 +44,7 @@ TORCHVISION_BACKBONES = {
 BUNDLED = ("efficientnet_lite0",)
 
 
-class BackboneError(RuntimeError):
+class BackboneError(UserError):
     """The weights cannot be had; the message says what file to place where."""
 
 
@@ -229,54 +229,31 @@ def export_feature_onnx(extractor: FeatureExtractor, card: PreprocessingCard, pa
 # ---------------------------------------------------------------- stage
 
 
-def build_backbone(params: BackboneParams, out_dir: Path = BACKBONE_DIR, export_onnx: bool = True) -> BackboneResult:
+def run(params: Params, layout: Layout, progress: Progress | None = None, export_onnx: bool = True) -> BackboneResult:
+    """Fetch the weights, record the card, export the feature extractor; the directory is swapped in whole."""
     t0 = time.perf_counter()
-    net, card_fields = fetch(params)
+    net, card_fields = fetch(params.backbone)
     freeze(net)
     probe = PreprocessingCard(**{**card_fields, "feature_dim": 0})
     extractor = FeatureExtractor(net, probe).eval()
     h, w = probe.input_size
     with torch.no_grad():
         feature_dim = int(extractor(torch.zeros(1, h, w, 3, dtype=torch.uint8)).shape[1])
-    out_dir = Path(out_dir)
-    weights_path = out_dir / "weights.pt"
-    with atomic_path(weights_path) as tmp:
-        torch.save(net.state_dict(), tmp)
-    card = PreprocessingCard(**{**card_fields, "feature_dim": feature_dim, "weights_sha256": sha256_file(weights_path)})
-    if export_onnx:
-        export_feature_onnx(FeatureExtractor(net, card).eval(), card, out_dir / "features.onnx")
-    write_json(out_dir / "card.json", card.to_dict())
-    return BackboneResult(out_dir, card, time.perf_counter() - t0)
+    with atomic_dir(layout.backbone) as tmp:
+        torch.save(net.state_dict(), tmp / layout.weights.name)
+        card = PreprocessingCard(**{**card_fields, "feature_dim": feature_dim,
+                                    "weights_sha256": sha256_file(tmp / layout.weights.name)})
+        if export_onnx:
+            export_feature_onnx(FeatureExtractor(net, card).eval(), card, tmp / layout.features_onnx.name)
+        write_json(tmp / layout.card_json.name, card.to_dict())
+    return BackboneResult(layout.backbone, card, time.perf_counter() - t0)
 
 
-def load_card(backbone_dir: Path = BACKBONE_DIR) -> PreprocessingCard:
-    path = Path(backbone_dir) / "card.json"
-    if not path.exists():
-        raise BackboneError(f"{path} not found: run the backbone stage first (dvc repro backbone)")
-    return PreprocessingCard.from_dict(read_json(path))
-
-
-def load_feature_extractor(backbone_dir: Path = BACKBONE_DIR) -> FeatureExtractor:
-    """Rebuild the frozen extractor from the stage's files (weights checked against the card's sha256)."""
-    card = load_card(backbone_dir)
-    weights = Path(backbone_dir) / "weights.pt"
-    if sha256_file(weights) != card.weights_sha256:
-        raise BackboneError(f"{weights} does not match card.json's sha256: re-run the backbone stage")
-    net = build_network(card.arch)
-    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return freeze(FeatureExtractor(net, card))
-
-
-def main() -> None:
-    params = load_params()
-    try:
-        result = build_backbone(params.backbone)
-    except BackboneError as exc:
-        sys.exit(f"backbone: {exc}")
-    c = result.card
-    print(f"backbone: {params.backbone.name} ({c.arch}), {c.feature_dim}-d features, input {c.input_size[0]}x{c.input_size[1]} "
-          f"(resize {c.resize_size}, {c.interpolation}), {result.seconds:.1f}s -> {result.out_dir}")
+def describe(r: BackboneResult) -> str:
+    c = r.card
+    return (f"backbone: {c.arch}, {c.feature_dim}-d features, input {c.input_size[0]}x{c.input_size[1]} "
+            f"(resize {c.resize_size}, {c.interpolation}), {r.seconds:.1f}s -> {r.out_dir}")
 
 
 if __name__ == "__main__":
-    main()
+    stage_main("backbone", run, describe)

@@ -1,94 +1,138 @@
 """Every knob of the pipeline, typed and validated, loaded from one params.yaml.
 
-Each section is a frozen dataclass. Loading walks the YAML against the
-dataclass fields: an unknown key names the valid ones, a wrong type names the
-key and the type expected, a value outside its choices names the choices.
+Each section is a frozen pydantic model (strict: no silent "3" -> 3). A validation
+error becomes one ConfigError line: an unknown key names the valid ones (and the
+closest match), a wrong type names the key and the type expected, a value out of
+range names the bound. `python -m tasks.config --schema` prints the JSON schema
+of params.yaml (committed as params.schema.json, which editors use for completion).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
+import json
+import sys
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 PARAMS_FILE = Path("params.yaml")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A problem the user fixes (params, data, missing artifact): one line naming the fix, never a traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A params file that does not match the schema below."""
 
 
-@dataclass(frozen=True)
-class DataParams:
+def _float_from_str(value: Any) -> Any:
+    # YAML 1.1 reads "1e-3" (no dot) as a string, and `dvc exp run -S` passes what it is given.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _listify(value: Any) -> Any:
+    # `-S train.l2=0.01` gives a scalar where a list is expected.
+    return [value] if isinstance(value, (int, float, str)) and not isinstance(value, bool) else value
+
+
+Float = Annotated[float, BeforeValidator(_float_from_str)]
+Fraction = Annotated[float, BeforeValidator(_float_from_str), Field(ge=0.0, lt=1.0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
+
+
+class DataParams(Section):
     dataset: Literal["digits", "imagefolder", "cifar10", "cifar100"] = "digits"
-    # imagefolder: folder of class sub-folders, or of train/ val/ [test/] each holding class folders.
-    # Default data/raw (keep your images there and `dvc add data/raw`, or point it anywhere).
+    """digits (offline demo) | imagefolder | cifar10 | cifar100"""
     root: str = "data/raw"
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
+    """imagefolder: folder of class sub-folders, or of train/ val/ [test/] each holding class folders."""
+    val_fraction: Fraction = 0.15
+    """Share of each class put in val when the data has no val/ folder."""
+    test_fraction: Fraction = 0.15
+    """Share of each class put in test when the data has no test/ folder."""
     seed: int = 0
-    min_images_per_class: int = 2
-    # Cap per class and split (quick experiments); null keeps everything.
-    max_images_per_class: int | None = None
-    # cifar10/cifar100 archive URL (a mirror); null = torchvision's official URL.
+    """Split assignment (hash order: adding files keeps the others in place)."""
+    min_images_per_class: int = Field(2, ge=1)
+    """Fewer usable images in a class is an error."""
+    max_images_per_class: int | None = Field(None, ge=1)
+    """Cap per class and split (quick experiments); null keeps everything."""
     download_url: str | None = None
+    """cifar10/cifar100 archive URL (a mirror); null = torchvision's official URL."""
     download_dir: str = "data/downloads"
+    """Where CIFAR archives live (place them here for offline use)."""
+
+    @model_validator(mode="after")
+    def _fractions(self) -> DataParams:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("data.val_fraction + data.test_fraction must be < 1")
+        return self
 
 
-@dataclass(frozen=True)
-class BackboneParams:
-    # efficientnet_lite0 | resnet50 | resnet18 | mobilenet_v3_large | efficientnet_b0 | timm:<name> | file:<path>
+class BackboneParams(Section):
     name: str = "efficientnet_lite0"
-    # Architecture of a `file:` state dict: a timm model name (e.g. resnet18) or torchvision:<name>.
+    """efficientnet_lite0 | resnet50 | resnet18 | mobilenet_v3_large | efficientnet_b0 | timm:<name> | file:<path>"""
     arch: str | None = None
-    # Mirror for the weights file of a torchvision backbone (its file name must stay the same).
+    """Architecture of a `file:` state dict: a timm model name (e.g. resnet18) or torchvision:<name>."""
     url: str | None = None
+    """Mirror for the weights file of a torchvision backbone (its file name must stay the same)."""
 
 
-@dataclass(frozen=True)
-class FeaturesParams:
-    batch_size: int = 32
-    # auto: torch on CUDA when present, else onnxruntime on CPU (4-8x faster than torch eager here).
+class FeaturesParams(Section):
+    batch_size: int = Field(32, ge=1)
     engine: Literal["auto", "torch", "onnxruntime"] = "auto"
-    # Threads that decode and resize images while the network runs.
-    decode_workers: int = 2
+    """auto: torch on CUDA when present, else onnxruntime on CPU (4-8x faster than torch eager here)."""
+    decode_workers: int = Field(2, ge=1)
+    """Threads that decode and resize images while the network runs."""
 
 
-@dataclass(frozen=True)
-class TrainParams:
+class TrainParams(Section):
     head: Literal["linear", "mlp"] = "linear"
-    hidden_dim: int = 512
-    dropout: float = 0.0
-    # auto: lbfgs for a linear head on cached features (logistic regression solved exactly,
-    # L2 strength chosen on the selection split), adamw otherwise (mlp, augment, unfreeze).
+    hidden_dim: int = Field(512, ge=1)
+    dropout: Fraction = 0.0
     optimizer: Literal["auto", "lbfgs", "adamw", "adam", "sgd"] = "auto"
-    # lbfgs: candidate L2 strengths (on the mean cross-entropy); the selection split picks one.
-    l2: list[float] = field(default_factory=lambda: [0.001, 0.01, 0.1])
-    # Signed power applied to features before standardising (0.5 = square root; 1.0 = off).
-    feature_power: float = 0.5
-    lr: float = 0.001
-    weight_decay: float = 0.0001
+    """auto: lbfgs for a linear head on cached features (logistic regression solved exactly, L2 chosen on
+    the selection split), adamw otherwise (mlp, augment, unfreeze)."""
+    l2: Annotated[list[Annotated[Float, Field(ge=0.0)]], BeforeValidator(_listify), Field(min_length=1)] = [0.001, 0.01, 0.1]
+    """lbfgs: candidate L2 strengths (on the mean cross-entropy); the selection split picks one."""
+    feature_power: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.5
+    """Signed power applied to features before standardising (0.5 = square root; 1.0 = off)."""
+    lr: Annotated[Float, Field(gt=0.0)] = 0.001
+    weight_decay: Annotated[Float, Field(ge=0.0)] = 0.0001
     schedule: Literal["cosine", "constant"] = "cosine"
-    epochs: int = 100
-    batch_size: int = 64
-    # Stop when the selection-split accuracy has not improved for this many epochs; 0 disables.
-    patience: int = 20
-    label_smoothing: float = 0.0
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(64, ge=1)
+    patience: int = Field(20, ge=0)
+    """Stop when the selection-split accuracy has not improved for this many epochs; 0 disables."""
+    label_smoothing: Fraction = 0.0
     seed: int = 0
-    # Random resized crop + flip, running the frozen backbone every epoch instead of the feature cache.
     augment: bool = False
-    # Train the last N blocks of the backbone too (BatchNorm included); 0 = frozen.
-    unfreeze_blocks: int = 0
-    backbone_lr: float = 0.0001
-    # Without a test split, val is the evaluation split: the epoch is then chosen on this
-    # fraction of train, and the head refit on all of train (val stays untouched).
-    holdout_fraction: float = 0.15
+    """Random resized crop + flip, running the frozen backbone every epoch instead of the feature cache."""
+    unfreeze_blocks: int = Field(0, ge=0)
+    """Train the last N blocks of the backbone too (BatchNorm included); 0 = frozen."""
+    backbone_lr: Annotated[Float, Field(gt=0.0)] = 0.0001
+    holdout_fraction: Annotated[Float, Field(gt=0.0, lt=1.0)] = 0.15
+    """Without a test split, val is the evaluation split: the epoch (or L2) is then chosen on this
+    fraction of train, and the head refit on all of train (val stays untouched)."""
+
+    @model_validator(mode="after")
+    def _lbfgs_fits(self) -> TrainParams:
+        if self.optimizer == "lbfgs" and (self.head != "linear" or self.augment or self.unfreeze_blocks):
+            raise ValueError(f"train.optimizer: lbfgs fits a linear head on cached features only; use adamw (or auto) "
+                             f"with head={self.head!r}, augment={self.augment}, unfreeze_blocks={self.unfreeze_blocks}")
+        return self
 
     @property
     def solver(self) -> str:
@@ -98,188 +142,131 @@ class TrainParams:
         return "lbfgs" if self.head == "linear" and not self.augment and not self.unfreeze_blocks else "adamw"
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    ece_bins: int = 15
-    top_mistakes: int = 20
+class EvaluateParams(Section):
+    ece_bins: int = Field(15, ge=1)
+    top_mistakes: int = Field(20, ge=0)
 
 
-@dataclass(frozen=True)
-class ExportParams:
-    opset: int = 17
-    # none | int8: also write a static-QDQ, per-channel INT8 model calibrated on training images.
+class ExportParams(Section):
+    opset: int = Field(17, ge=13)
     quantize: Literal["none", "int8"] = "none"
-    # The INT8 model is not written if its accuracy drops by more than this many points.
-    max_int8_drop: float = 1.0
-    calibration_images: int = 128
-    # The parity gate: max |p_onnx - p_torch| allowed, every eval image.
-    parity_tolerance: float = 0.0001
-    triton_model_name: str = "classifier"
-    triton_max_batch_size: int = 32
+    """none | int8: also write a static-QDQ, per-channel INT8 model calibrated on training images."""
+    max_int8_drop: Annotated[Float, Field(ge=0.0)] = 1.0
+    """The INT8 model is not written if its accuracy drops by more than this many points."""
+    calibration_images: int = Field(128, ge=1)
+    parity_tolerance: Annotated[Float, Field(gt=0.0)] = 0.0001
+    """The parity gate: max |p_onnx - p_torch| allowed, every eval image."""
+    triton_model_name: str = Field("classifier", pattern=r"^[A-Za-z0-9_-]+$")
+    triton_max_batch_size: int = Field(32, ge=1)
 
 
-@dataclass(frozen=True)
-class Params:
-    # auto: CUDA when available (autocast + channels_last), else CPU.
+class Params(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    data: DataParams = field(default_factory=DataParams)
-    backbone: BackboneParams = field(default_factory=BackboneParams)
-    features: FeaturesParams = field(default_factory=FeaturesParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    export: ExportParams = field(default_factory=ExportParams)
+    """auto: CUDA when available (autocast + channels_last), else CPU."""
+    data: DataParams = DataParams()
+    backbone: BackboneParams = BackboneParams()
+    features: FeaturesParams = FeaturesParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
+
+
+# ---------------------------------------------------------------- errors as one line
 
 
 def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _type_name(typing.get_args(tp)[0])
+    if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is list:
+    if origin is list:
         return f"a non-empty list of {_type_name(typing.get_args(tp)[0])}"
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return "a mapping"
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise ConfigError(f"{key}: {value!r} is not valid; expected {_type_name(tp)}")
-    if isinstance(tp, types.UnionType) or origin is typing.Union:
-        for arm in typing.get_args(tp):
-            try:
-                return _coerce(value, arm, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-    elif dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 reads "1e-3" as a string; accept numeric strings for floats only.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif typing.get_origin(tp) is list:
-        (arm,) = typing.get_args(tp)
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            value = [value]  # `-S train.l2=0.01` gives a scalar
-        if isinstance(value, list) and value:
-            return [_coerce(v, arm, f"{key}[{i}]") for i, v in enumerate(value)]
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+def _walk(loc: tuple) -> tuple[str, Any, type[BaseModel] | None]:
+    """(dotted key, annotation at it, the model holding its last part) for a pydantic error location."""
+    key, tp, owner = "", Params, None
+    for part in loc:
+        inner = typing.get_args(tp)[0] if typing.get_origin(tp) is Annotated else tp
+        if isinstance(inner, type) and issubclass(inner, BaseModel) and isinstance(part, str):
+            owner = inner
+            if part not in inner.model_fields:
+                return (f"{key}.{part}" if key else part), None, owner
+            key, tp = (f"{key}.{part}" if key else part), inner.model_fields[part].annotation
+        elif isinstance(part, int) and typing.get_origin(inner) is list:
+            key, tp = f"{key}[{part}]", typing.get_args(inner)[0]
+        else:
+            break  # a union arm or validator name, not a key
+    return key, tp, owner
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'params'}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [k for k in raw if k not in fields]
-    if unknown:
-        k = unknown[0]
-        where = f"{prefix}.{k}" if prefix else str(k)
-        close = difflib.get_close_matches(str(k), fields, n=1)
+def one_line(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    key, tp, owner = _walk(err["loc"])
+    value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        valid = list(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown param {where!r}{hint}; valid keys here: {', '.join(fields)}")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
-    try:
-        obj = cls(**kwargs)
-    except TypeError as exc:  # pragma: no cover - all fields have defaults
-        raise ConfigError(str(exc)) from exc
-    _check_ranges(obj, prefix)
-    return obj
-
-
-def _check_ranges(obj: Any, prefix: str) -> None:
-    def bad(name: str, why: str) -> ConfigError:
-        return ConfigError(f"{prefix}.{name}: {why}, got {getattr(obj, name)!r}")
-
-    if isinstance(obj, DataParams):
-        for name in ("val_fraction", "test_fraction"):
-            if not 0.0 <= getattr(obj, name) < 1.0:
-                raise bad(name, "must be in [0, 1)")
-        if obj.val_fraction + obj.test_fraction >= 1.0:
-            raise ConfigError("data.val_fraction + data.test_fraction must be < 1")
-        if obj.min_images_per_class < 1:
-            raise bad("min_images_per_class", "must be >= 1")
-        if obj.max_images_per_class is not None and obj.max_images_per_class < 1:
-            raise bad("max_images_per_class", "must be >= 1 or null")
-    elif isinstance(obj, TrainParams):
-        for name in ("epochs", "batch_size", "hidden_dim"):
-            if getattr(obj, name) < 1:
-                raise bad(name, "must be >= 1")
-        for name in ("lr", "backbone_lr"):
-            if getattr(obj, name) <= 0:
-                raise bad(name, "must be > 0")
-        if obj.weight_decay < 0 or obj.patience < 0 or obj.unfreeze_blocks < 0:
-            raise ConfigError(f"{prefix}: weight_decay, patience and unfreeze_blocks must be >= 0")
-        if not 0.0 <= obj.dropout < 1.0 or not 0.0 <= obj.label_smoothing < 1.0:
-            raise ConfigError(f"{prefix}: dropout and label_smoothing must be in [0, 1)")
-        if not 0.0 < obj.holdout_fraction < 1.0:
-            raise bad("holdout_fraction", "must be in (0, 1)")
-        if any(v < 0 for v in obj.l2):
-            raise bad("l2", "must be >= 0")
-        if not 0.0 < obj.feature_power <= 1.0:
-            raise bad("feature_power", "must be in (0, 1]")
-        if obj.optimizer == "lbfgs" and (obj.head != "linear" or obj.augment or obj.unfreeze_blocks):
-            raise ConfigError(f"{prefix}.optimizer: lbfgs fits a linear head on cached features only; "
-                              f"use adamw (or auto) with head={obj.head!r}, augment={obj.augment}, "
-                              f"unfreeze_blocks={obj.unfreeze_blocks}")
-
-
-    elif isinstance(obj, FeaturesParams):
-        if obj.batch_size < 1 or obj.decode_workers < 1:
-            raise ConfigError(f"{prefix}: batch_size and decode_workers must be >= 1")
-    elif isinstance(obj, ExportParams):
-        if obj.opset < 13 or obj.calibration_images < 1 or obj.triton_max_batch_size < 1:
-            raise ConfigError(f"{prefix}: opset must be >= 13, calibration_images and triton_max_batch_size >= 1")
-        if obj.max_int8_drop < 0 or obj.parity_tolerance <= 0:
-            raise ConfigError(f"{prefix}: max_int8_drop must be >= 0 and parity_tolerance > 0")
-        if not obj.triton_model_name.replace("_", "").replace("-", "").isalnum():
-            raise bad("triton_model_name", "must be letters, digits, - and _ only")
-    elif isinstance(obj, EvaluateParams):
-        if obj.ece_bins < 1 or obj.top_mistakes < 0:
-            raise ConfigError(f"{prefix}: ece_bins must be >= 1 and top_mistakes >= 0")
+        return f"unknown param {key!r}{hint}; valid keys here: {', '.join(valid)}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] in ("value_error", "assertion_error"):
+        return msg
+    if err["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short",
+                       "string_pattern_mismatch"):
+        return f"{key}: {msg[0].lower()}{msg[1:]}, got {value!r}"
+    got = f"got {type(value).__name__} {value!r}" if not isinstance(value, dict) else "got a mapping"
+    return f"{key or 'params'}: expected {_type_name(tp)}, {got}"
 
 
 def parse_params(raw: Any) -> Params:
     """Validate a plain mapping (as read from YAML) into Params."""
-    return _build(Params, raw, "")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(one_line(exc)) from None
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"params file not found: {path.resolve()}")
+        raise ConfigError(f"params file not found: {path.resolve()} (run from the project root)")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     try:
         return parse_params(raw)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise ConfigError(f"{path}: {exc}") from None
 
 
-def as_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
+def as_dict(obj: BaseModel) -> dict:
+    return obj.model_dump(mode="json")
+
+
+def json_schema() -> dict:
+    schema = Params.model_json_schema()
+    schema["title"] = "tlcv params.yaml"
+    return schema
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--schema"]:
+        sys.exit("usage: python -m tasks.config --schema  (prints the JSON schema of params.yaml)")
+    print(json.dumps(json_schema(), indent=2))

@@ -10,10 +10,8 @@ Outputs (one DVC-tracked directory, written atomically):
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import os
-import sys
 import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -23,46 +21,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks.config import DataParams, load_params
-from tasks.files import atomic_dir, read_json, sha256_bytes, sha256_file, write_json
+from tasks.cli import stage_main
+from tasks.config import DataParams, Params, UserError
+from tasks.files import atomic_dir, sha256_bytes, write_json
+from tasks.layout import SPLITS, Item, Layout, Progress, _order_key, stratified_split
 
-PREPARED_DIR = Path("data/prepared")
-SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
-class DataError(RuntimeError):
+class DataError(UserError):
     """The dataset cannot be prepared; the message says what to fix."""
-
-
-@dataclass(frozen=True)
-class Item:
-    path: str  # relative to the dataset root, POSIX separators
-    label: str
-    split: str
-    sha256: str
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """A prepared dataset as the later stages read it."""
-
-    root: Path
-    classes: list[str]
-    items: list[Item]
-    manifest_sha256: str
-
-    def split(self, name: str) -> list[Item]:
-        return [it for it in self.items if it.split == name]
-
-    def has_split(self, name: str) -> bool:
-        return any(it.split == name for it in self.items)
-
-    def label_index(self, item: Item) -> int:
-        return self.classes.index(item.label)
-
-    def resolve(self, item: Item) -> Path:
-        return self.root / item.path
 
 
 @dataclass(frozen=True)
@@ -137,34 +105,17 @@ def scan_class_dirs(base: Path, root_real: Path, skipped: list[dict]) -> dict[st
     return found
 
 
-def _order_key(seed: int, rel: str) -> str:
-    # Hash order: a file keeps its split when others are added or removed.
-    return hashlib.sha256(f"{seed}:{rel}".encode()).hexdigest()
+def build_manifest(root: Path, params: DataParams, skipped: list[dict], report_path: Path) -> tuple[list[Item], list[str], dict]:
+    """Scan an image folder (class folders, or train/val/test of class folders) into manifest items.
 
-
-def stratified_split(rels: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
-    """Assign one class's files to train/val/test deterministically; train always gets at least one."""
-    ordered = sorted(rels, key=lambda r: _order_key(seed, r))
-    n = len(ordered)
-    n_test = min(round(n * test_fraction), max(0, n - 1))
-    n_val = min(round(n * val_fraction), max(0, n - 1 - n_test))
-    if val_fraction > 0 and n_val == 0 and n - n_test >= 3:
-        n_val = 1
-    out = {}
-    for i, rel in enumerate(ordered):
-        out[rel] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
-    return out
-
-
-def build_manifest(root: Path, params: DataParams, report_root: Path | None = None) -> tuple[list[Item], list[str], dict]:
-    """Scan an image folder (class folders, or train/val/test of class folders) into manifest items."""
+    Skipped files are appended to `skipped` as they are found, so the report exists even when this fails.
+    """
     if not root.is_dir():
         raise DataError(
             f"dataset root {root} is not a directory. Set data.root to a folder of class sub-folders "
             f"(or of train/ val/ test/ each holding class sub-folders)."
         )
     root_real = root.resolve()
-    skipped: list[dict] = []
     split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
     presplit = "train" in split_dirs and len(split_dirs) >= 2
     candidates: list[tuple[str, str, str | None]] = []  # (rel path, label, split or None)
@@ -198,7 +149,7 @@ def build_manifest(root: Path, params: DataParams, report_root: Path | None = No
         raise DataError(
             f"too few usable images in class(es) {detail}; need at least {params.min_images_per_class} "
             f"(data.min_images_per_class). {len(skipped)} file(s) were skipped: see the reasons in "
-            f"{report_root or PREPARED_DIR}/report.json"
+            f"{report_path}"
         )
 
     if not presplit:
@@ -214,7 +165,7 @@ def build_manifest(root: Path, params: DataParams, report_root: Path | None = No
     items = cap_per_class(items, params.max_images_per_class, params.seed)
     if not any(it.split == "train" for it in items):
         raise DataError(f"no training images under {root}")
-    return items, labels, {"skipped": skipped, **find_duplicates(items)}
+    return items, labels, find_duplicates(items)
 
 
 def cap_per_class(items: list[Item], cap: int | None, seed: int) -> list[Item]:
@@ -320,68 +271,54 @@ def manifest_csv(items: list[Item]) -> bytes:
     return buf.getvalue().encode()
 
 
-def prepare(params: DataParams, out_dir: Path = PREPARED_DIR) -> PrepareResult:
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        if params.dataset == "imagefolder":
-            root = Path(params.root)
-            items, classes, report = build_manifest(root, params, out_dir)
-            root_str = str(root)
-        else:
-            images = tmp / "images"
-            if params.dataset == "digits":
-                write_digits(images)
-            else:
-                write_cifar(params.dataset, params, images)
-            items, classes, report = build_manifest(images, params, out_dir)
-            if params.dataset != "digits":
-                items = split_off_val(items, params)
-            root_str = str(out_dir / "images")
-        items.sort(key=lambda it: (SPLITS.index(it.split), it.label, it.path))
-        data = manifest_csv(items)
-        (tmp / "manifest.csv").write_bytes(data)
-        digest = sha256_bytes(data)
-        counts = {s: sum(1 for it in items if it.split == s) for s in SPLITS}
-        per_class = {c: {s: sum(1 for it in items if it.split == s and it.label == c) for s in SPLITS} for c in classes}
-        write_json(
-            tmp / "dataset.json",
-            {
-                "dataset": params.dataset,
-                "root": root_str,
-                "classes": classes,
-                "counts": counts,
-                "per_class": per_class,
-                "skipped": len(report["skipped"]),
-                "manifest_sha256": digest,
-            },
-        )
-        write_json(tmp / "report.json", {"skipped_count": len(report["skipped"]), **report})
-    return PrepareResult(out_dir, counts, len(report["skipped"]), digest)
+def run(params: Params, layout: Layout, progress: Progress | None = None) -> PrepareResult:
+    """Validate and split the dataset into layout.prepared, swapped in whole only when everything succeeded.
 
-
-def load_dataset(prepared_dir: Path = PREPARED_DIR) -> Dataset:
-    prepared_dir = Path(prepared_dir)
-    meta_path = prepared_dir / "dataset.json"
-    if not meta_path.exists():
-        raise DataError(f"{meta_path} not found: run the prepare stage first (dvc repro prepare)")
-    meta = read_json(meta_path)
-    with open(prepared_dir / "manifest.csv", newline="") as f:
-        items = [Item(r["path"], r["label"], r["split"], r["sha256"]) for r in csv.DictReader(f)]
-    digest = sha256_file(prepared_dir / "manifest.csv")
-    if digest != meta["manifest_sha256"]:
-        raise DataError(f"{prepared_dir}/manifest.csv does not match dataset.json: re-run prepare")
-    return Dataset(Path(meta["root"]), list(meta["classes"]), items, digest)
-
-
-def main() -> None:
-    params = load_params()
+    The run's report (skipped files and why, duplicates) is written to layout.prepare_report whether the
+    run succeeds or fails; a failed run leaves the previous data/prepared in place.
+    """
+    p = params.data
+    out_dir = layout.prepared
+    skipped: list[dict] = []
+    report: dict = {"status": "failed", "dataset": p.dataset, "skipped_count": 0, "skipped": skipped}
     try:
-        result = prepare(params.data)
-    except DataError as exc:
-        sys.exit(f"prepare: {exc}")
-    skipped = f", {result.skipped} file(s) skipped (see {result.out_dir}/report.json)" if result.skipped else ""
-    print(f"prepare: {params.data.dataset}: " + ", ".join(f"{k} {v}" for k, v in result.counts.items()) + skipped)
+        with atomic_dir(out_dir) as tmp:
+            if p.dataset == "imagefolder":
+                root = Path(p.root)
+                items, classes, found = build_manifest(root, p, skipped, layout.prepare_report)
+                root_str = str(root)
+            else:
+                images = tmp / "images"
+                if p.dataset == "digits":
+                    write_digits(images)
+                else:
+                    write_cifar(p.dataset, p, images)
+                items, classes, found = build_manifest(images, p, skipped, layout.prepare_report)
+                if p.dataset != "digits":
+                    items = split_off_val(items, p)
+                root_str = str(out_dir / "images")
+            items.sort(key=lambda it: (SPLITS.index(it.split), it.label, it.path))
+            data = manifest_csv(items)
+            (tmp / "manifest.csv").write_bytes(data)
+            digest = sha256_bytes(data)
+            counts = {s: sum(1 for it in items if it.split == s) for s in SPLITS}
+            per_class = {c: {s: sum(1 for it in items if it.split == s and it.label == c) for s in SPLITS} for c in classes}
+            write_json(tmp / "dataset.json", {
+                "dataset": p.dataset, "root": root_str, "classes": classes, "counts": counts, "per_class": per_class,
+                "skipped": len(skipped), "manifest_sha256": digest,
+            })
+            report.update(found, status="ok", skipped_count=len(skipped))
+            write_json(tmp / "report.json", {k: v for k, v in report.items() if k != "status"})
+    finally:
+        report["skipped_count"] = len(skipped)
+        write_json(layout.prepare_report, report)
+    return PrepareResult(out_dir, counts, len(skipped), digest)
+
+
+def describe(r: PrepareResult) -> str:
+    skipped = f", {r.skipped} file(s) skipped (see {r.out_dir}/report.json)" if r.skipped else ""
+    return "prepare: " + ", ".join(f"{k} {v}" for k, v in r.counts.items()) + skipped
 
 
 if __name__ == "__main__":
-    main()
+    stage_main("prepare", run, describe)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.config import EvaluateParams, Params, load_params
-from tasks.data import PREPARED_DIR, Dataset, load_dataset
-from tasks.features import FEATURES_DIR, FeatureCache
-from tasks.files import atomic_path, read_json, write_json, write_text
-from tasks.train import MODELS_DIR, REPORTS_DIR, load_classifier, load_head
+from tasks.cli import stage_main
+from tasks.config import EvaluateParams, Params
+from tasks.files import atomic_files, atomic_path, write_json, write_text
+from tasks.layout import ArtifactError, Dataset, Layout, Progress
+from tasks.model import autocast, load_classifier, load_head, pick_device
+from tasks.preprocess import decoded_batches
 
 @dataclass(frozen=True)
 class EvaluateResult:
@@ -153,24 +153,17 @@ def plot_calibration(bins: list[dict], ece: float, path: Path) -> None:
 # ---------------------------------------------------------------- stage
 
 
-def eval_split(dataset: Dataset) -> str:
-    return "test" if dataset.has_split("test") else "val"
-
-
-def eval_logits(models_dir: Path, dataset: Dataset, split: str, features_dir: Path, params: Params) -> tuple[np.ndarray, dict]:
+def eval_logits(layout: Layout, dataset: Dataset, split: str, params: Params) -> tuple[np.ndarray, dict]:
     """Logits of the eval split: the head on cached features, or the whole network when the backbone was trained."""
-    head, meta = load_head(models_dir)
+    head, meta = load_head(layout)
     if meta.get("manifest_sha256") != dataset.manifest_sha256:
-        raise RuntimeError("the classifier was trained on another version of the data: re-run train")
+        raise ArtifactError("the classifier was trained on another version of the data: re-run train (dvc repro train)")
     if not meta.get("backbone_trained"):
-        feats = FeatureCache(features_dir).load()
+        feats = layout.feature_cache().load()
         with torch.no_grad():
             return head(torch.from_numpy(feats[f"x_{split}"])).numpy(), meta
-    from tasks.features import decoded_batches
-    from tasks.model import autocast, pick_device
-
     device = pick_device(params.device)
-    model, _ = load_classifier(Path(models_dir) / "classifier.pt")
+    model, _ = load_classifier(layout.classifier)
     model = model.to(device)
     card = model.features.card
     out = []
@@ -181,67 +174,60 @@ def eval_logits(models_dir: Path, dataset: Dataset, split: str, features_dir: Pa
     return np.concatenate(out), meta
 
 
-def evaluate(params: Params, prepared_dir: Path = PREPARED_DIR, features_dir: Path = FEATURES_DIR,
-             models_dir: Path = MODELS_DIR, reports_dir: Path = REPORTS_DIR) -> EvaluateResult:
+def run(params: Params, layout: Layout, progress: Progress | None = None) -> EvaluateResult:
     t0 = time.perf_counter()
     ep: EvaluateParams = params.evaluate
-    dataset = load_dataset(prepared_dir)
-    split = eval_split(dataset)
+    dataset = layout.dataset()
+    split = dataset.eval_split
     items = dataset.split(split)
-    y = np.array([dataset.label_index(it) for it in items], dtype=np.int64)
-    logits, meta = eval_logits(Path(models_dir), dataset, split, Path(features_dir), params)
+    y = dataset.labels(split)
+    logits, meta = eval_logits(layout, dataset, split, params)
     r = classification_metrics(logits, y, dataset.classes, ep.ece_bins)
-    reports_dir = Path(reports_dir)
+    # Every report is staged and moved in together: a failure leaves the previous reports whole.
+    with atomic_files(layout.reports) as reports_dir:
+        skipped = int(layout.read_json(layout.prepared / "report.json", {}).get("skipped_count", 0))
+        metrics = {**{k: round(v, 6) if isinstance(v, float) else v for k, v in r["metrics"].items()},
+                   "eval_split": split, "num_classes": len(dataset.classes), "skipped_images": skipped,
+                   "model_selected_on": meta.get("selection"), "solver": meta.get("solver"),
+                   "l2": meta.get("l2"), "best_epoch": meta.get("best_epoch")}
 
-    skipped = 0
-    report_path = Path(prepared_dir) / "report.json"
-    if report_path.exists():
-        skipped = int(read_json(report_path).get("skipped_count", 0))
-    metrics = {**{k: round(v, 6) if isinstance(v, float) else v for k, v in r["metrics"].items()},
-               "eval_split": split, "num_classes": len(dataset.classes), "skipped_images": skipped,
-               "model_selected_on": meta.get("selection"), "solver": meta.get("solver"),
-               "l2": meta.get("l2"), "best_epoch": meta.get("best_epoch")}
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["class", "precision", "recall", "f1", "support"])
+        for i, c in enumerate(dataset.classes):
+            w.writerow([c, *(round(float(r["scores"][k][i]), 6) for k in ("precision", "recall", "f1")), int(r["scores"]["support"][i])])
+        write_text(reports_dir / "per_class.csv", buf.getvalue())
 
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["class", "precision", "recall", "f1", "support"])
-    for i, c in enumerate(dataset.classes):
-        w.writerow([c, *(round(float(r["scores"][k][i]), 6) for k in ("precision", "recall", "f1")), int(r["scores"]["support"][i])])
-    write_text(reports_dir / "per_class.csv", buf.getvalue())
+        probs, pred = r["probs"], r["pred"]
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["path", "actual", "predicted", "confidence"])
+        for it, yi, pi, pr in zip(items, y, pred, probs):
+            w.writerow([it.path, dataset.classes[yi], dataset.classes[pi], round(float(pr[pi]), 6)])
+        write_text(reports_dir / "predictions.csv", buf.getvalue())
 
-    probs, pred = r["probs"], r["pred"]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "actual", "predicted", "confidence"])
-    for it, yi, pi, pr in zip(items, y, pred, probs):
-        w.writerow([it.path, dataset.classes[yi], dataset.classes[pi], round(float(pr[pi]), 6)])
-    write_text(reports_dir / "predictions.csv", buf.getvalue())
-
-    wrong = np.flatnonzero(pred != y)
-    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][: ep.top_mistakes]
-    write_json(reports_dir / "mistakes.json", [
-        {"path": str(dataset.resolve(items[i])), "actual": dataset.classes[y[i]], "predicted": dataset.classes[pred[i]],
-         "confidence": round(float(probs[i, pred[i]]), 6), "p_actual": round(float(probs[i, y[i]]), 6)}
-        for i in wrong
-    ])
-    write_json(reports_dir / "calibration.json", r["calibration"])
-    plot_confusion(r["confusion"], dataset.classes, reports_dir / "confusion.png",
-                   f"{split}: accuracy {metrics['accuracy']:.4f} (n={metrics['n']})")
-    plot_calibration(r["calibration"], metrics["ece"], reports_dir / "calibration.png")
-    write_json(reports_dir / "metrics.json", metrics)
-    return EvaluateResult(metrics, reports_dir, time.perf_counter() - t0)
+        wrong = np.flatnonzero(pred != y)
+        wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][: ep.top_mistakes]
+        write_json(reports_dir / "mistakes.json", [
+            {"path": str(dataset.resolve(items[i])), "actual": dataset.classes[y[i]], "predicted": dataset.classes[pred[i]],
+             "confidence": round(float(probs[i, pred[i]]), 6), "p_actual": round(float(probs[i, y[i]]), 6)}
+            for i in wrong
+        ])
+        write_json(reports_dir / "calibration.json", r["calibration"])
+        plot_confusion(r["confusion"], dataset.classes, reports_dir / "confusion.png",
+                       f"{split}: accuracy {metrics['accuracy']:.4f} (n={metrics['n']})")
+        plot_calibration(r["calibration"], metrics["ece"], reports_dir / "calibration.png")
+        write_json(reports_dir / layout.metrics.name, metrics)
+    return EvaluateResult(metrics, layout.reports, time.perf_counter() - t0)
 
 
-def main() -> None:
-    params = load_params()
-    r = evaluate(params)
+def describe(r: EvaluateResult) -> str:
     m = r.metrics
     top5 = f", top-5 {m['top5_accuracy']:.4f}" if "top5_accuracy" in m else ""
-    print(f"evaluate: {m['eval_split']} n={m['n']}: accuracy {m['accuracy']:.4f}{top5}, macro-F1 {m['macro_f1']:.4f}, "
-          f"ECE {m['ece']:.4f}; skipped images {m['skipped_images']}")
-    print(f"  reports: {r.reports_dir}/metrics.json, per_class.csv, confusion.png, calibration.png, mistakes.json")
-    print(f"  model:   {MODELS_DIR}/classifier.pt (+ .safetensors), labels {MODELS_DIR}/labels.json")
+    return (f"evaluate: {m['eval_split']} n={m['n']}: accuracy {m['accuracy']:.4f}{top5}, macro-F1 {m['macro_f1']:.4f}, "
+            f"ECE {m['ece']:.4f}; skipped images {m['skipped_images']}\n"
+            f"  reports: {r.reports_dir}/metrics.json, per_class.csv, confusion.png, calibration.png, mistakes.json")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    stage_main("evaluate", run, describe)

@@ -21,7 +21,6 @@ import datetime
 import json
 import os
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -33,20 +32,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.config import ExportParams, Params, load_params
-from tasks.data import PREPARED_DIR, Dataset, load_dataset
-from tasks.features import decoded_batches
-from tasks.files import atomic_path, read_json, write_json, write_text
-from tasks.model import Classifier, with_static_padding
-from tasks.preprocess import PreprocessingCard
+from tasks.cli import stage_main
+from tasks.config import ExportParams, Params, UserError
+from tasks.files import atomic_dir, atomic_path, write_json, write_text
+from tasks.layout import Dataset, Layout, Progress
+from tasks.model import Classifier, load_classifier, with_static_padding
+from tasks.preprocess import PreprocessingCard, decoded_batches
 from tasks.runtime import open_session
-from tasks.train import MODELS_DIR, REPORTS_DIR, load_classifier
-
-EXPORT_DIR = Path("export")
 INPUT, OUTPUTS = "images", ("probabilities", "logits")
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError):
     """The exported model cannot be trusted; nothing was written as deployable."""
 
 
@@ -286,34 +282,36 @@ def write_triton_repo(model_path: Path, out_dir: Path, name: str, card: Preproce
 # ---------------------------------------------------------------- stage
 
 
-def export(params: Params, prepared_dir: Path = PREPARED_DIR, models_dir: Path = MODELS_DIR,
-           reports_dir: Path = REPORTS_DIR, out_dir: Path = EXPORT_DIR) -> ExportResult:
+def run(params: Params, layout: Layout, progress: Progress | None = None) -> ExportResult:
+    """Export, prove parity, write INT8 and Triton: all into a new export/ swapped in only when every step passed.
+
+    A failing parity gate leaves the previous export/ (the deployable model) untouched; its
+    reports/parity.json says why.
+    """
     t0 = time.perf_counter()
     p = params.export
-    out_dir, reports_dir = Path(out_dir), Path(reports_dir)
-    dataset = load_dataset(prepared_dir)
-    classifier, meta = load_classifier(Path(models_dir) / "classifier.pt")
+    dataset = layout.dataset()
+    classifier, meta = load_classifier(layout.classifier)
     if meta.get("manifest_sha256") != dataset.manifest_sha256:
-        raise ExportError("the classifier was trained on another version of the data: re-run train")
+        raise ExportError("the classifier was trained on another version of the data: re-run train (dvc repro train)")
     card: PreprocessingCard = classifier.features.card
     labels: list[str] = meta["labels"]
-    split = "test" if dataset.has_split("test") else "val"
+    split = dataset.eval_split
     bs, workers = params.features.batch_size, params.features.decode_workers
-    metrics_path = reports_dir / "metrics.json"
-    metrics = read_json(metrics_path) if metrics_path.exists() else {}
+    metrics = layout.read_json(layout.metrics, {})
 
-    model_path = out_dir / "model.onnx"
-    with atomic_path(model_path) as tmp:
-        export_onnx(classifier, card, tmp, p.opset)
-        parity = check_parity(tmp, classifier, eval_batches(dataset, split, card, bs, workers), p.parity_tolerance)
+    with atomic_dir(layout.export) as out:
+        model_path = out / layout.model_onnx.name
+        export_onnx(classifier, card, model_path, p.opset)
+        parity = check_parity(model_path, classifier, eval_batches(dataset, split, card, bs, workers), p.parity_tolerance)
         parity["split"] = split
-        write_json(reports_dir / "parity.json", parity)
         if not parity["passed"]:
+            write_json(layout.parity, parity)
             raise ExportError(
                 f"parity gate failed on {parity['n']} {split} images: argmax agreement {parity['argmax_agreement']:.4%}, "
                 f"max |p_onnx - p_torch| {parity['max_abs_prob_diff']:.2e} (tolerance {p.parity_tolerance:.0e}); "
-                f"{model_path} was not written (see {reports_dir}/parity.json)")
-        set_metadata(tmp, {
+                f"the previous {layout.model_onnx} is kept (see {layout.parity})")
+        set_metadata(model_path, {
             "labels": json.dumps(labels),
             "preprocessing": json.dumps({**card.to_dict(), "input": f"{INPUT}: uint8 [N, {card.input_size[0]}, "
                                          f"{card.input_size[1]}, 3] RGB after tasks.preprocess.load_image"}),
@@ -325,35 +323,29 @@ def export(params: Params, prepared_dir: Path = PREPARED_DIR, models_dir: Path =
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "producer": f"tlcv {version_of('tlcv')}, torch {torch.__version__}, onnx {version_of('onnx')}",
         })
-    write_text(out_dir / "labels.txt", "\n".join(labels) + "\n")
-
-    int8 = None
-    int8_path = out_dir / "model.int8.onnx"
-    if p.quantize == "int8":
-        int8 = try_int8(model_path, int8_path, dataset, split, card, p, bs, workers, parity["onnx_accuracy"])
-        write_json(reports_dir / "parity.json", {**parity, "int8": int8})
-    else:
-        int8_path.unlink(missing_ok=True)
-    triton = write_triton_repo(model_path, out_dir / "triton", p.triton_model_name, card, labels, p.triton_max_batch_size)
-    return ExportResult(model_path, parity, int8, triton, time.perf_counter() - t0)
+        write_text(out / "labels.txt", "\n".join(labels) + "\n")
+        int8 = None
+        if p.quantize == "int8":
+            int8 = try_int8(model_path, out / "model.int8.onnx", dataset, split, card, p, bs, workers,
+                            parity["onnx_accuracy"])
+        write_triton_repo(model_path, out / "triton", p.triton_model_name, card, labels, p.triton_max_batch_size)
+        write_json(layout.parity, {**parity, **({"int8": int8} if int8 is not None else {})})
+    return ExportResult(layout.model_onnx, parity, int8, layout.export / "triton" / p.triton_model_name,
+                        time.perf_counter() - t0)
 
 
-def main() -> None:
-    params = load_params()
-    try:
-        r = export(params)
-    except ExportError as exc:
-        sys.exit(f"export: {exc}")
+def describe(r: ExportResult) -> str:
     q = r.parity
-    print(f"export: {r.model_path} — parity on {q['n']} {q['split']} images: argmax agreement {q['argmax_agreement']:.2%}, "
-          f"max |dp| {q['max_abs_prob_diff']:.1e}, onnxruntime accuracy {q['onnx_accuracy']:.4f} "
-          f"(PyTorch {q['torch_accuracy']:.4f}); Triton repository {r.triton_dir}; {r.seconds:.1f}s")
+    line = (f"export: {r.model_path} — parity on {q['n']} {q['split']} images: argmax agreement {q['argmax_agreement']:.2%}, "
+            f"max |dp| {q['max_abs_prob_diff']:.1e}, onnxruntime accuracy {q['onnx_accuracy']:.4f} "
+            f"(PyTorch {q['torch_accuracy']:.4f}); Triton repository {r.triton_dir}; {r.seconds:.1f}s")
     if r.int8 is not None:
         i = r.int8
         state = "written" if i["written"] else f"NOT written: {i['reason']}"
-        print(f"  int8: accuracy {i['accuracy']:.4f} ({i['acc_drop_pp']:+.2f} pp drop), "
-              f"{i['int8_over_fp32_b1']:.2f}x FP32 speed at batch 1 — {state}")
+        line += (f"\n  int8: accuracy {i['accuracy']:.4f} ({i['acc_drop_pp']:+.2f} pp drop), "
+                 f"{i['int8_over_fp32_b1']:.2f}x FP32 speed at batch 1 — {state}")
+    return line
 
 
 if __name__ == "__main__":
-    main()
+    stage_main("export", run, describe)

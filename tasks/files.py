@@ -81,3 +81,22 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_files(directory: str | Path) -> Iterator[Path]:
+    """Stage several files in a temporary folder; move them all into `directory` only if the block succeeds.
+
+    For a stage whose outputs are sibling files (models/classifier.pt, head.pt, ...): a failure
+    anywhere leaves every previous file in place, not a mix of old and new.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".staging.", dir=directory))
+    try:
+        yield tmp
+        for f in sorted(tmp.iterdir()):
+            os.chmod(f, 0o666 & ~_UMASK)
+            os.replace(f, directory / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
 
+from tasks.config import UserError
+from tasks.files import sha256_file
+from tasks.layout import ArtifactError, Layout
 from tasks.preprocess import PreprocessingCard
 
 TORCHVISION_HEADS = {"resnet": "fc", "mobilenet": "classifier", "efficientnet": "classifier", "convnext": "classifier"}
@@ -149,7 +153,7 @@ def unfreeze_last_blocks(network: nn.Module, n: int) -> list[nn.Module]:
         return []
     blocks = backbone_blocks(network)
     if n > len(blocks):
-        raise ValueError(f"train.unfreeze_blocks={n} but this backbone has {len(blocks)} blocks")
+        raise UserError(f"train.unfreeze_blocks={n} but this backbone has {len(blocks)} blocks: set it to at most {len(blocks)}")
     chosen = blocks[-n:]
     for block in chosen:
         block.train()
@@ -158,9 +162,49 @@ def unfreeze_last_blocks(network: nn.Module, n: int) -> list[nn.Module]:
     return chosen
 
 
+# ---------------------------------------------------------------- checkpoint readers
+
+
+def load_feature_extractor(layout: Layout) -> FeatureExtractor:
+    """The frozen extractor from the backbone stage's files (weights checked against the card's sha256)."""
+    card = layout.card()
+    if sha256_file(layout.weights) != card.weights_sha256:
+        raise ArtifactError(f"{layout.weights} does not match card.json's sha256: re-run the backbone stage")
+    net = build_network(card.arch)
+    net.load_state_dict(torch.load(layout.weights, map_location="cpu", weights_only=True))
+    return freeze(FeatureExtractor(net, card))
+
+
+def head_from_meta(meta: dict) -> nn.Module:
+    h, card = meta["head"], meta["card"]
+    return build_head(h["kind"], card["feature_dim"], len(meta["labels"]), h["hidden_dim"], h["dropout"], h["feature_power"])
+
+
+def load_classifier(path: Path) -> tuple[Classifier, dict]:
+    """The whole classifier (backbone + head) from classifier.pt, weights_only: no pickled code runs."""
+    if not Path(path).exists():
+        raise ArtifactError(f"{path} not found: run the train stage first (dvc repro train)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    meta = ckpt["meta"]
+    card = PreprocessingCard.from_dict(meta["card"])
+    model = Classifier(FeatureExtractor(build_network(card.arch), card), head_from_meta(meta))
+    model.load_state_dict(ckpt["state_dict"])
+    return freeze(model), meta
+
+
+def load_head(layout: Layout) -> tuple[nn.Module, dict]:
+    """Only the head (head.pt) and the classifier's metadata: enough to score cached features."""
+    if not layout.classifier.exists() or not layout.head.exists():
+        raise ArtifactError(f"{layout.classifier} or {layout.head} not found: run the train stage first (dvc repro train)")
+    meta = torch.load(layout.classifier, map_location="cpu", weights_only=True, mmap=True)["meta"]
+    head = head_from_meta(meta)
+    head.load_state_dict(torch.load(layout.head, map_location="cpu", weights_only=True))
+    return freeze(head), meta
+
+
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda requested but torch sees no CUDA device; use device: auto or cpu")
+        raise UserError("device: cuda requested but torch sees no CUDA device; set device: auto or cpu in params.yaml")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

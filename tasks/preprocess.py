@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import math
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -101,3 +103,33 @@ def load_image(source: str | Path | bytes | Image.Image, card: PreprocessingCard
     img = decode_rgb(source, card.resize_size)
     img = resize_center_crop(img, card.resize_size, card.input_size, card.interpolation)
     return np.asarray(img, dtype=np.uint8)
+
+
+class ImageDecodeError(ValueError):
+    """An image that decoded in `prepare` no longer does (changed on disk since)."""
+
+
+def decoded_batches(paths: Sequence[Path], card: PreprocessingCard, batch_size: int, workers: int) -> Iterator[np.ndarray]:
+    """uint8 [B, H, W, 3] batches in order; at most two batches decoded ahead of the consumer (bounded memory)."""
+
+    def load(path: Path) -> np.ndarray:
+        try:
+            return load_image(path, card)
+        except Exception as exc:
+            raise ImageDecodeError(f"cannot decode {path}: {exc} (it changed after prepare? re-run prepare)") from exc
+
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque[list[Future]] = deque()
+        starts = iter(range(0, len(paths), batch_size))
+
+        def submit_next() -> None:
+            start = next(starts, None)
+            if start is not None:
+                pending.append([pool.submit(load, p) for p in paths[start : start + batch_size]])
+
+        submit_next()
+        submit_next()
+        while pending:
+            batch = pending.popleft()
+            submit_next()
+            yield np.stack([f.result() for f in batch])

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from tasks.files import read_json
+from tasks.layout import Layout
 
 
-def main(reports: Path = Path("reports"), models: Path = Path("models")) -> int:
-    metrics_path = reports / "metrics.json"
-    if not metrics_path.exists():
-        print(f"no {metrics_path}: run `dvc repro` first", file=sys.stderr)
+def main(layout: Layout = Layout()) -> int:
+    reports, models = layout.reports, layout.models
+    if not layout.metrics.exists():
+        print(f"no {layout.metrics}: run `dvc repro` first", file=sys.stderr)
         return 1
-    m = read_json(metrics_path)
-    card = read_json(models / "backbone" / "card.json")
-    data = read_json(Path("data/prepared/dataset.json"))
+    m = read_json(layout.metrics)
+    card = read_json(layout.card_json)
+    data = read_json(layout.prepared / "dataset.json")
     lines = [
         f"dataset   {data['dataset']}: {len(data['classes'])} classes, "
         + ", ".join(f"{k} {v}" for k, v in data["counts"].items())
@@ -28,9 +28,8 @@ def main(reports: Path = Path("reports"), models: Path = Path("models")) -> int:
         f"model     {models}/classifier.pt  (+ classifier.safetensors, head.pt, labels.json)",
         f"reports   {reports}/metrics.json, per_class.csv, confusion.png, calibration.png, mistakes.json",
     ]
-    parity_path = reports / "parity.json"
-    if parity_path.exists():
-        q = read_json(parity_path)
+    if layout.parity.exists():
+        q = read_json(layout.parity)
         lines.append(f"onnx      export/model.onnx: onnxruntime accuracy {q['onnx_accuracy']:.4f} (PyTorch {q['torch_accuracy']:.4f}), "
                      f"argmax agreement {q['argmax_agreement']:.2%}, max |dp| {q['max_abs_prob_diff']:.1e}; "
                      f"Triton repository export/triton/")

@@ -26,26 +26,21 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from tasks.backbone import BACKBONE_DIR, load_feature_extractor
-from tasks.config import Params, TrainParams, as_dict, load_params
-from tasks.data import PREPARED_DIR, Dataset, Item, load_dataset, stratified_split
-from tasks.features import FEATURES_DIR, FeatureCache
-from tasks.files import atomic_path, write_json, write_text
+from tasks.cli import stage_main
+from tasks.config import Params, TrainParams, UserError, as_dict
+from tasks.files import atomic_files, write_json, write_text
+from tasks.layout import ArtifactError, Dataset, Item, Layout, Progress, holdout_split
 from tasks.model import (
-    Classifier, FeatureExtractor, autocast, build_head, freeze, pick_device, unfreeze_last_blocks,
+    Classifier, FeatureExtractor, autocast, build_head, freeze, load_feature_extractor, pick_device,
+    unfreeze_last_blocks,
 )
 from tasks.preprocess import PreprocessingCard, decode_rgb
-
-MODELS_DIR = Path("models")
-Progress = Callable[[int, int], None]
-REPORTS_DIR = Path("reports")
 
 
 @dataclass(frozen=True)
@@ -77,20 +72,6 @@ def make_schedule(opt: torch.optim.Optimizer, p: TrainParams, steps_per_epoch: i
     if p.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
-
-
-def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified (fit, holdout) index arrays over the training set, deterministic in seed."""
-    names = [f"{i}" for i in range(len(labels))]
-    by_class: dict[int, list[str]] = {}
-    for name, y in zip(names, labels):
-        by_class.setdefault(int(y), []).append(name)
-    hold = set()
-    for rels in by_class.values():
-        hold.update(r for r, s in stratified_split(rels, fraction, 0.0, seed).items() if s == "val")
-    idx = np.arange(len(labels))
-    mask = np.array([n in hold for n in names])
-    return idx[~mask], idx[mask]
 
 
 # ---------------------------------------------------------------- head on cached features
@@ -211,14 +192,15 @@ def train_on_features(params: Params, dataset: Dataset, feats: dict[str, np.ndar
     p = params.train
     n_classes = len(dataset.classes)
     x, y = torch.from_numpy(feats["x_train"]), torch.from_numpy(feats["y_train"])
-    if dataset.has_split("test") and "x_val" in feats:
-        fit_idx, x_sel, y_sel, selection = None, torch.from_numpy(feats["x_val"]), torch.from_numpy(feats["y_val"]), "val"
+    selection = dataset.selection
+    if selection == "val":
+        fit_idx, x_sel, y_sel = None, torch.from_numpy(feats["x_val"]), torch.from_numpy(feats["y_val"])
     else:
         # No test split: val is the evaluation split, so choose on a slice of train and refit on all of it.
         fit_idx, hold_idx = holdout_split(feats["y_train"], p.holdout_fraction, p.seed)
-        x_sel, y_sel, selection = x[hold_idx], y[hold_idx], "train-holdout"
+        x_sel, y_sel = x[hold_idx], y[hold_idx]
         if len(hold_idx) == 0:
-            raise ValueError("train split too small to hold out a selection set; add images or a val/ folder")
+            raise UserError("train split too small to hold out a selection set; add images or a val/ folder")
     x_fit, y_fit = (x, y) if fit_idx is None else (x[fit_idx], y[fit_idx])
 
     if p.solver == "lbfgs":
@@ -285,14 +267,13 @@ def train_through_backbone(params: Params, dataset: Dataset, extractor: FeatureE
     if trainable:
         groups.append({"params": [q for b in trainable for q in b.parameters()], "lr": p.backbone_lr})
     train_items = dataset.split("train")
-    if dataset.has_split("test") and dataset.has_split("val"):
-        sel_items, selection = dataset.split("val"), "val"
+    selection = dataset.selection
+    if selection == "val":
+        sel_items = dataset.split("val")
     else:
-        labels = np.array([dataset.label_index(it) for it in train_items])
-        fit_idx, hold_idx = holdout_split(labels, p.holdout_fraction, p.seed)
+        fit_idx, hold_idx = holdout_split(dataset.labels("train"), p.holdout_fraction, p.seed)
         sel_items = [train_items[i] for i in hold_idx]
         train_items = [train_items[i] for i in fit_idx]
-        selection = "train-holdout"
     loader = torch.utils.data.DataLoader(ImageBatches(dataset, train_items, card, train=True), batch_size=p.batch_size,
                                          shuffle=True, generator=gen, num_workers=0)
     sel_loader = torch.utils.data.DataLoader(ImageBatches(dataset, sel_items, card, train=False), batch_size=p.batch_size)
@@ -358,40 +339,12 @@ def save_classifier(model: Classifier, card: PreprocessingCard, classes: list[st
     meta = {"card": card.to_dict(), "labels": classes, "train": as_dict(params.train), **extra,
             "head": {"kind": params.train.head, "hidden_dim": params.train.hidden_dim, "dropout": params.train.dropout,
                      "feature_power": params.train.feature_power}}
-    path = out_dir / "classifier.pt"
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": state, "meta": json.loads(json.dumps(meta))}, tmp)
-    with atomic_path(out_dir / "classifier.safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"meta": json.dumps(meta)})
-    with atomic_path(out_dir / "head.pt") as tmp:
-        torch.save({k[5:]: v for k, v in state.items() if k.startswith("head.")}, tmp)
-    write_json(out_dir / "labels.json", classes)
-    return path
-
-
-def _head_from_meta(meta: dict) -> nn.Module:
-    h, card = meta["head"], meta["card"]
-    return build_head(h["kind"], card["feature_dim"], len(meta["labels"]), h["hidden_dim"], h["dropout"], h["feature_power"])
-
-
-def load_classifier(path: Path = MODELS_DIR / "classifier.pt") -> tuple[Classifier, dict]:
-    """The whole classifier (backbone + head) from classifier.pt, weights_only: no pickled code runs."""
-    from tasks.model import build_network
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    meta = ckpt["meta"]
-    card = PreprocessingCard.from_dict(meta["card"])
-    model = Classifier(FeatureExtractor(build_network(card.arch), card), _head_from_meta(meta))
-    model.load_state_dict(ckpt["state_dict"])
-    return freeze(model), meta
-
-
-def load_head(models_dir: Path = MODELS_DIR) -> tuple[nn.Module, dict]:
-    """Only the head (head.pt) and the classifier's metadata: enough to score cached features."""
-    meta = torch.load(Path(models_dir) / "classifier.pt", map_location="cpu", weights_only=True, mmap=True)["meta"]
-    head = _head_from_meta(meta)
-    head.load_state_dict(torch.load(Path(models_dir) / "head.pt", map_location="cpu", weights_only=True))
-    return freeze(head), meta
+    with atomic_files(out_dir) as tmp:
+        torch.save({"state_dict": state, "meta": json.loads(json.dumps(meta))}, tmp / "classifier.pt")
+        save_file(state, str(tmp / "classifier.safetensors"), metadata={"meta": json.dumps(meta)})
+        torch.save({k[5:]: v for k, v in state.items() if k.startswith("head.")}, tmp / "head.pt")
+        write_json(tmp / "labels.json", classes)
+    return out_dir / "classifier.pt"
 
 
 def write_history(history: list[dict], path: Path) -> None:
@@ -405,40 +358,36 @@ def write_history(history: list[dict], path: Path) -> None:
     write_text(path, buf.getvalue())
 
 
-def train(params: Params, prepared_dir: Path = PREPARED_DIR, backbone_dir: Path = BACKBONE_DIR,
-          features_dir: Path = FEATURES_DIR, out_dir: Path = MODELS_DIR, reports_dir: Path = REPORTS_DIR,
-          progress: Progress | None = None) -> TrainResult:
+def run(params: Params, layout: Layout, progress: Progress | None = None) -> TrainResult:
     """Fit the head (or head + unfrozen blocks); `progress(done, total)` per epoch or per L2 candidate."""
     t0 = time.perf_counter()
     p = params.train
-    dataset = load_dataset(prepared_dir)
-    extractor = load_feature_extractor(backbone_dir)
+    dataset = layout.dataset()
+    extractor = load_feature_extractor(layout)
     card = extractor.card
     if p.augment or p.unfreeze_blocks:
         model, history, summary = train_through_backbone(params, dataset, extractor, progress)
     else:
-        feats = FeatureCache(features_dir).load()
+        feats = layout.feature_cache().load()
         if len(feats["x_train"]) != len(dataset.split("train")):
-            raise RuntimeError(f"{features_dir} does not match {prepared_dir}: re-run the features stage")
+            raise ArtifactError(f"{layout.features} does not match {layout.prepared}: re-run the features stage")
         head, history, summary = train_on_features(params, dataset, feats, progress)
         model = Classifier(extractor, head)
     extra = {**summary, "backbone_trained": bool(p.unfreeze_blocks), "manifest_sha256": dataset.manifest_sha256}
-    path = save_classifier(model, card, dataset.classes, params, extra, Path(out_dir))
-    write_history(history, Path(reports_dir) / "train_history.csv")
+    path = save_classifier(model, card, dataset.classes, params, extra, layout.models)
+    write_history(history, layout.reports / "train_history.csv")
     seconds = time.perf_counter() - t0
-    write_json(Path(reports_dir) / "train.json", {**{k: v for k, v in extra.items() if k != "manifest_sha256"},
-                                                  "steps_run": len(history), "seconds": round(seconds, 2)})
+    write_json(layout.reports / "train.json", {**{k: v for k, v in extra.items() if k != "manifest_sha256"},
+                                                "steps_run": len(history), "seconds": round(seconds, 2)})
     return TrainResult(path, summary, seconds)
 
 
-def main() -> None:
-    params = load_params()
-    r = train(params)
+def describe(r: TrainResult) -> str:
     s = r.summary
     chosen = f"L2 {s['l2']}" if s["solver"] == "lbfgs" else f"epoch {s['best_epoch']}"
-    print(f"train: {s['solver']}, {chosen} chosen on {s['selection']} (acc {s['selection_accuracy']:.4f}), "
-          f"{r.seconds:.1f}s -> {r.classifier_path}")
+    return (f"train: {s['solver']}, {chosen} chosen on {s['selection']} (acc {s['selection_accuracy']:.4f}), "
+            f"{r.seconds:.1f}s -> {r.classifier_path}")
 
 
 if __name__ == "__main__":
-    main()
+    stage_main("train", run, describe)

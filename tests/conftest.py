@@ -71,40 +71,45 @@ def imagefolder(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def backbone_dir(tmp_path_factory) -> Path:
     """The default backbone stage output (weights, card, features.onnx), built once per session."""
-    from tasks.backbone import build_backbone
+    from tasks import backbone
+    from tasks.layout import Layout
 
-    out = tmp_path_factory.mktemp("backbone") / "backbone"
-    build_backbone(parse_params({}).backbone, out)
-    return out
+    layout = Layout(tmp_path_factory.mktemp("backbone"))
+    backbone.run(parse_params({}), layout)
+    return layout.backbone
 
 
 class Workdir:
-    """Stage output folders under one tmp dir, and the stage functions wired to them."""
+    """A Layout on a tmp dir (the session's backbone linked in) and the stages run on it."""
 
     def __init__(self, base: Path, backbone: Path):
-        self.base = base
-        self.prepared, self.backbone = base / "prepared", backbone
-        self.features, self.models, self.reports = base / "features", base / "models", base / "reports"
+        from tasks.layout import Layout
+
+        self.base, self.layout = base, Layout(base)
+        self.layout.backbone.parent.mkdir(parents=True, exist_ok=True)
+        self.layout.backbone.symlink_to(backbone, target_is_directory=True)
+        self.prepared, self.backbone, self.features = self.layout.prepared, self.layout.backbone, self.layout.features
+        self.models, self.reports = self.layout.models, self.layout.reports
+
+    def run(self, stage: str, params: Params, **kw):
+        import importlib
+
+        return importlib.import_module(f"tasks.{stage}").run(params, self.layout, **kw)
 
     def prepare(self, params: Params):
-        from tasks.data import prepare
-
-        return prepare(params.data, self.prepared)
+        return self.run("data", params)
 
     def features_(self, params: Params, **kw):
-        from tasks.features import compute_features
-
-        return compute_features(params, self.prepared, self.backbone, self.features, **kw)
+        return self.run("features", params, **kw)
 
     def train(self, params: Params):
-        from tasks.train import train
-
-        return train(params, self.prepared, self.backbone, self.features, self.models, self.reports)
+        return self.run("train", params)
 
     def evaluate(self, params: Params):
-        from tasks.evaluate import evaluate
+        return self.run("evaluate", params)
 
-        return evaluate(params, self.prepared, self.features, self.models, self.reports)
+    def export(self, params: Params):
+        return self.run("export", params)
 
     def run_all(self, params: Params):
         self.prepare(params)
@@ -151,10 +156,8 @@ def closed_port_url(path: str) -> str:
     return f"http://127.0.0.1:{port}/{path}"
 
 
-def export_(w: Workdir, params: Params, out=None):
-    from tasks.export import export
-
-    return export(params, w.prepared, w.models, w.reports, out or w.base / "export")
+def export_(w: Workdir, params: Params):
+    return w.export(params)
 
 
 GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
@@ -183,4 +186,29 @@ def project_copy(repo: Path, per_class: int = 6) -> Path:
     env = {**os.environ, **GIT_IDENTITY}
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=repo, env=env, check=True)
+    return repo
+
+
+BIN = Path(sys.executable).parent
+
+
+def sh(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600):
+    """A command with the venv first on PATH (DVC stages run `python -m tasks.<stage>`)."""
+    import subprocess
+
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", **GIT_IDENTITY}
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.fixture(scope="session")
+def dvc_repo(tmp_path_factory) -> Path:
+    """A git + DVC checkout of this project with a tiny image folder as its dataset, after `dvc repro`.
+
+    Shared by the DVC tests and the fault tests; a test that changes it puts it back (`dvc status` clean).
+    """
+    repo = project_copy(tmp_path_factory.mktemp("dvc") / "repo")
+    sh(["dvc", "repro"], repo)
     return repo

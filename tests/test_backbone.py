@@ -6,10 +6,26 @@ import pytest
 import torch
 
 from conftest import closed_port_url
-from tasks.backbone import BackboneError, build_backbone, load_card, load_feature_extractor
-from tasks.config import parse_params
+from tasks import backbone
+from tasks.backbone import BackboneError
+from tasks.config import Params, parse_params
 from tasks.files import sha256_file
+from tasks.layout import Layout
+from tasks.model import load_feature_extractor as _load_extractor
 from tasks.model import with_static_padding
+
+
+def build_backbone(bp, root: Path, export_onnx: bool = True):
+    """The backbone stage on a Layout rooted at `root`."""
+    return backbone.run(Params(backbone=bp), Layout(root), export_onnx=export_onnx)
+
+
+def load_card(backbone_dir: Path):
+    return Layout(backbone_dir.parent.parent).card()
+
+
+def load_feature_extractor(backbone_dir: Path):
+    return _load_extractor(Layout(backbone_dir.parent.parent))
 
 RESNET18_FILE = "resnet18-f37072fd.pth"  # torchvision's ResNet18_Weights.IMAGENET1K_V1 file name
 
@@ -82,7 +98,7 @@ def test_torchvision_weights_placed_in_the_cache_load_offline(torch_home, resnet
     assert r.card.arch == "torchvision:resnet18" and r.card.feature_dim == 512
     assert r.card.resize_size == 256 and r.card.input_size == (224, 224) and r.card.interpolation == "bilinear"
     assert r.card.mean == pytest.approx((0.485, 0.456, 0.406))
-    loaded = load_feature_extractor(tmp_path / "bb")
+    loaded = _load_extractor(Layout(tmp_path / "bb"))
     assert torch.equal(loaded.network.layer1[0].conv1.weight, resnet18_state["layer1.0.conv1.weight"])
 
 

@@ -10,9 +10,24 @@ import pytest
 from PIL import Image
 
 from conftest import closed_port_url, draw, make_imagefolder, tiny_params
-from tasks.config import parse_params
-from tasks.data import DataError, load_dataset, prepare, stratified_split
+from tasks import data
+from tasks.config import Params, parse_params
+from tasks.data import DataError
 from tasks.files import read_json
+from tasks.layout import Layout, stratified_split
+
+
+def prepare(data_params, root: Path) -> data.PrepareResult:
+    """The prepare stage on a Layout rooted at `root`."""
+    return data.run(Params(data=data_params), Layout(root))
+
+
+def prepared(root: Path) -> Path:
+    return Layout(root).prepared
+
+
+def load_dataset(root: Path):
+    return Layout(root).dataset()
 
 
 def manifest_rows(prepared: Path) -> list[dict]:
@@ -57,9 +72,9 @@ def test_symlinks_out_of_the_root_are_refused(imagefolder, tmp_path):
     (imagefolder / "circles" / "escape.png").symlink_to(outside)
     (imagefolder / "squares" / "inside.png").symlink_to(imagefolder / "squares" / "squares_00.png")
     prepare(tiny_params(imagefolder).data, tmp_path / "prepared")
-    report = read_json(tmp_path / "prepared" / "report.json")
+    report = read_json(prepared(tmp_path / "prepared") / "report.json")
     assert [s["reason"] for s in report["skipped"]] == ["symlink points outside the dataset root"]
-    paths = {r["path"] for r in manifest_rows(tmp_path / "prepared")}
+    paths = {r["path"] for r in manifest_rows(prepared(tmp_path / "prepared"))}
     assert "circles/escape.png" not in paths and "squares/inside.png" in paths
 
 
@@ -70,14 +85,17 @@ def test_too_few_images_is_a_clear_error(imagefolder, tmp_path):
         prepare(tiny_params(imagefolder).data, tmp_path / "prepared")
     msg = str(e.value)
     assert "'stripes': 1" in msg and "data.min_images_per_class" in msg and "report.json" in msg
-    assert not (tmp_path / "prepared").exists()  # nothing half-written
+    assert not prepared(tmp_path / "prepared").exists()  # nothing half-written
+    report = read_json(Layout(tmp_path / "prepared").prepare_report)  # the report the message points to exists
+    assert str(Layout(tmp_path / "prepared").prepare_report) in msg
+    assert report["status"] == "failed" and report["skipped_count"] == 7
 
 
 def test_same_image_in_two_classes_is_reported(imagefolder, tmp_path):
     src = imagefolder / "circles" / "circles_01.jpg"
     (imagefolder / "squares" / "copy.jpg").write_bytes(src.read_bytes())
     prepare(tiny_params(imagefolder).data, tmp_path / "prepared")
-    dup = read_json(tmp_path / "prepared" / "report.json")["duplicates_across_classes"]
+    dup = read_json(prepared(tmp_path / "prepared") / "report.json")["duplicates_across_classes"]
     assert len(dup) == 1
     assert {f["label"] for f in dup[0]["files"]} == {"circles", "squares"}
 
@@ -86,7 +104,7 @@ def test_presplit_folders_are_kept(tmp_path):
     root = make_imagefolder(tmp_path / "data", per_class=3, splits=("train", "val"))
     r = prepare(tiny_params(root).data, tmp_path / "prepared")
     assert r.counts == {"train": 9, "val": 9, "test": 0}
-    rows = manifest_rows(tmp_path / "prepared")
+    rows = manifest_rows(prepared(tmp_path / "prepared"))
     assert all(row["path"].startswith(row["split"] + "/") for row in rows)
 
 

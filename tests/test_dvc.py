@@ -1,35 +1,18 @@
 """The real DVC pipeline on a tiny image folder: repro, status, metrics, plots, experiments, push."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import GIT_IDENTITY, project_copy
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from conftest import sh
 
 
-def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1", **GIT_IDENTITY}
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-    return r
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A git + DVC checkout of this project with a tiny image folder as its dataset, after `dvc repro`."""
-    repo = project_copy(tmp_path_factory.mktemp("dvc") / "repo")
-    sh(["dvc", "repro"], repo)
-    return repo
+@pytest.fixture
+def repo(dvc_repo) -> Path:
+    return dvc_repo
 
 
 def changed_stages(repo: Path) -> set[str]:
@@ -86,3 +69,19 @@ def test_push_versions_data_and_checkpoints_in_the_local_remote(repo):
     shutil.rmtree(repo / "models")
     sh(["dvc", "checkout"], repo)
     assert (repo / "models" / "classifier.pt").exists()
+
+
+@pytest.mark.parametrize("module, expected", [
+    ("tasks/runtime.py", {"features", "export"}),
+    ("tasks/train.py", {"train"}),
+    ("tasks/model.py", {"backbone", "features", "train", "evaluate", "export"}),
+])
+def test_editing_a_module_makes_exactly_its_dependants_stale(repo, module, expected):
+    path = repo / module
+    original = path.read_text()
+    path.write_text(original + "\n# edited\n")
+    try:
+        assert changed_stages(repo) == expected
+    finally:
+        path.write_text(original)
+    assert changed_stages(repo) == set()

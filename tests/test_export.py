@@ -1,6 +1,5 @@
 """ONNX export: one file, raw pixels in, named probabilities out, proven equal to PyTorch."""
 
-import dataclasses
 import json
 import re
 import subprocess
@@ -12,12 +11,16 @@ import pytest
 import torch
 
 from conftest import ROOT, export_, tiny_params
-from tasks.data import load_dataset
 from tasks.export import ExportError, check_parity, eval_batches, export_onnx
 from tasks.files import read_json
+from tasks.layout import Layout
+from tasks.model import load_classifier
 from tasks.preprocess import load_image
 from tasks.runtime import CPU, open_session
-from tasks.train import load_classifier
+
+
+def load_dataset(prepared):
+    return Layout(prepared.parent.parent).dataset()
 
 
 @pytest.fixture
@@ -143,8 +146,8 @@ def test_int8_is_written_only_when_accuracy_holds(imagefolder, workdir):
     base = tiny_params(imagefolder)
     workdir.run_all(base)
     for max_drop in (100.0, 0.0):
-        params = dataclasses.replace(base, export=dataclasses.replace(base.export, quantize="int8",
-                                                                      max_int8_drop=max_drop, calibration_images=16))
+        params = base.model_copy(update={"export": base.export.model_copy(update=dict(
+            quantize="int8", max_int8_drop=max_drop, calibration_images=16))})
         r = export_(workdir, params)
         i = r.int8
         assert i["written"] == (i["acc_drop_pp"] <= max_drop)

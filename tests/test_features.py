@@ -5,7 +5,6 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_params
-from tasks.config import parse_params
 from tasks.preprocess import decode_rgb, load_image, PreprocessingCard
 
 CARD = PreprocessingCard(input_size=(224, 224), resize_size=256, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -15,10 +14,10 @@ def test_features_are_computed_once_and_reused_while_the_key_holds(imagefolder, 
     params = tiny_params(imagefolder)
     workdir.prepare(params)
     first = workdir.features_(params)
-    mtime = (workdir.features / "features.npz").stat().st_mtime_ns
+    mtime = (workdir.features / "x_train.npy").stat().st_mtime_ns
     second = workdir.features_(params)
     assert not first.cached and second.cached and second.key == first.key
-    assert (workdir.features / "features.npz").stat().st_mtime_ns == mtime
+    assert (workdir.features / "x_train.npy").stat().st_mtime_ns == mtime
     # New data -> new key -> recomputed.
     (imagefolder / "circles" / "circles_00.png").unlink()
     workdir.prepare(params)
@@ -27,16 +26,14 @@ def test_features_are_computed_once_and_reused_while_the_key_holds(imagefolder, 
 
 
 def test_torch_and_onnxruntime_engines_agree(imagefolder, workdir, tmp_path):
-    from tasks.features import FeatureCache, compute_features
-
     params = tiny_params(imagefolder)
     workdir.prepare(params)
-    ort = workdir.features_(params)
-    p_torch = parse_params({**{"data": {"dataset": "imagefolder", "root": str(imagefolder), "val_fraction": 0.25,
-                                        "test_fraction": 0.25}}, "features": {"engine": "torch"}})
-    tch = compute_features(p_torch, workdir.prepared, workdir.backbone, tmp_path / "f_torch")
-    assert ort.engine == "onnxruntime" and tch.engine == "torch"
-    a, b = FeatureCache(workdir.features).load(), FeatureCache(tmp_path / "f_torch").load()
+    a = workdir.features_(params)
+    ort = workdir.layout.feature_cache().load()
+    p_torch = params.model_copy(update={"features": params.features.model_copy(update={"engine": "torch"})})
+    t = workdir.features_(p_torch, force=True)
+    assert a.engine == "onnxruntime" and t.engine == "torch" and not t.cached
+    a, b = ort, workdir.layout.feature_cache().load()
     for k in a:
         assert np.abs(a[k] - b[k]).max() < 1e-4
 

@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from conftest import tiny_params
-from tasks.features import FeatureCache
 from tasks.files import read_json
-from tasks.train import load_classifier
+from tasks.model import load_classifier
 
 
 def backbone_bytes(state: dict) -> dict:
@@ -79,15 +78,14 @@ def test_classifier_checkpoint_loads_safely_and_matches_the_features_path(imagef
     assert set(st) == set(torch.load(workdir.models / "classifier.pt", weights_only=True)["state_dict"])
 
     # The full classifier on pixels == the head on cached (onnxruntime) features.
-    from tasks.data import load_dataset
     from tasks.preprocess import load_image
 
-    ds = load_dataset(workdir.prepared)
+    ds = workdir.layout.dataset()
     items = ds.split("test")
     pixels = np.stack([load_image(ds.resolve(it), model.features.card) for it in items])
     with torch.no_grad():
         full = model(torch.from_numpy(pixels)).numpy()
-        cached = model.head(torch.from_numpy(FeatureCache(workdir.features).load()["x_test"])).numpy()
+        cached = model.head(torch.from_numpy(workdir.layout.feature_cache().load()["x_test"])).numpy()
     assert np.abs(full - cached).max() < 1e-3
     assert (full.argmax(1) == cached.argmax(1)).all()
 

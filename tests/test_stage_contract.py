@@ -1,0 +1,109 @@
+"""The stage contract: one entry point per stage, stages meet only in the layout, dvc.yaml's code deps
+are exactly each stage's import closure, and a user error on the command line is one line."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+STAGE_MODULES = {name: spec["cmd"].split(" -m ", 1)[1].split()[0] for name, spec in DVC.items()}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module an `import` names anywhere in the file (function-level imports count: they run)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}  # `from tasks import data`
+    return out
+
+
+def module_file(module: str) -> Path | None:
+    base = ROOT / Path(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def import_closure(module: str) -> set[str]:
+    """Project files (relative paths) that `module` needs, itself included; package __init__ files left out."""
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        m = todo.pop()
+        f = module_file(m)
+        if f is None or m in seen:
+            continue
+        seen[m] = f
+        todo += [i for i in imported_modules(f) if i.split(".")[0] in ("tasks", "deploy", "flows")]
+    return {f.relative_to(ROOT).as_posix() for f in seen.values() if f.name != "__init__.py"}
+
+
+@pytest.mark.parametrize("stage", sorted(DVC))
+def test_dvc_code_deps_are_the_stage_import_closure(stage):
+    listed = {d for d in DVC[stage]["deps"] if isinstance(d, str) and d.endswith(".py")}
+    closure = import_closure(STAGE_MODULES[stage])
+    assert listed == closure, (f"dvc.yaml stage {stage!r}: missing {sorted(closure - listed)}, "
+                               f"not imported {sorted(listed - closure)}")
+
+
+@pytest.mark.parametrize("stage", sorted(DVC))
+def test_a_stage_never_imports_another_stage(stage):
+    others = {m for s, m in STAGE_MODULES.items() if s != stage}
+    assert not import_closure(STAGE_MODULES[stage]) & {module_file(m).relative_to(ROOT).as_posix() for m in others}
+
+
+@pytest.mark.parametrize("stage", sorted(DVC))
+def test_every_stage_has_the_same_entry_point(stage):
+    run = importlib.import_module(STAGE_MODULES[stage]).run
+    assert list(inspect.signature(run).parameters)[:3] == ["params", "layout", "progress"]
+
+
+def test_the_flow_runs_exactly_the_dvc_stages_in_order():
+    from flows.pipeline import dvc_stages
+
+    assert dvc_stages(ROOT / "dvc.yaml") == list(STAGE_MODULES.items())
+
+
+def test_committed_json_schema_is_current():
+    import json
+
+    from tasks.config import json_schema
+
+    assert json.loads((ROOT / "params.schema.json").read_text()) == json_schema(), \
+        "regenerate: python -m tasks.config --schema > params.schema.json"
+
+
+BROKEN_PARAMS = {
+    "unknown key": ("data:\n  datset: digits\n", "did you mean 'dataset'"),
+    "wrong type": ("train:\n  epochs: many\n", "train.epochs: expected int"),
+    "yaml syntax": ("train: [unclosed\n", "not valid YAML at line"),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(DVC))
+def test_a_broken_params_file_is_one_line_on_stderr(stage, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for case, (text, words) in BROKEN_PARAMS.items():
+        (tmp_path / "params.yaml").write_text(text)
+        r = subprocess.run([sys.executable, "-m", STAGE_MODULES[stage]], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)
+        err = r.stderr.strip()
+        assert r.returncode != 0, f"{stage}, {case}: exit 0"
+        assert "Traceback" not in r.stderr and len(err.splitlines()) == 1, f"{stage}, {case}:\n{r.stderr}"
+        assert err.startswith(f"{stage}: params.yaml: ") and words in err, f"{stage}, {case}: {err}"
