@@ -17,10 +17,18 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
-def open_session(model: str | Path | bytes, device: str = "auto", threads: int | None = None) -> tuple[ort.InferenceSession, str]:
-    """(session, provider actually used). device: auto | cpu | cuda (cuda fails loudly if CUDA is not really used)."""
+def open_session(model: str | Path | bytes, device: str = "auto", threads: int | None = None,
+                 spinning: bool = True) -> tuple[ort.InferenceSession, str]:
+    """(session, provider actually used). device: auto | cpu | cuda (cuda fails loudly if CUDA is not really used).
+
+    spinning=False stops onnxruntime's idle threads from busy-waiting between runs (its default is to
+    spin): a server wants that, since the spinning would take the cores its HTTP and decoding need.
+    """
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or os.cpu_count() or 1
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
     if device in ("auto", "cuda") and CUDA in ort.get_available_providers():
         opts.log_severity_level = 4 if device == "auto" else 2  # the fallback's library error is expected under auto
