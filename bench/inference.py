@@ -30,30 +30,24 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from tasks.layout import Layout  # noqa: E402
+
 RUNTIMES = ("torch", "ort", "torch_nchw")
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
 
 
 def build(data: Path | None, work: Path, int8: bool):
-    from tasks.backbone import build_backbone
+    from tasks import backbone, data, evaluate, export, features, train
     from tasks.config import parse_params
-    from tasks.data import prepare
-    from tasks.evaluate import evaluate
-    from tasks.export import export
-    from tasks.features import compute_features
-    from tasks.train import train
+    from tasks.layout import Layout
 
     raw = {"data": {"dataset": "imagefolder", "root": str(data)} if data else {"dataset": "digits"},
            "export": {"quantize": "int8" if int8 else "none"}}
     params = parse_params(raw)
-    d = {k: work / k for k in ("prepared", "backbone", "features", "models", "reports", "export")}
-    prepare(params.data, d["prepared"])
-    build_backbone(params.backbone, d["backbone"])
-    compute_features(params, d["prepared"], d["backbone"], d["features"])
-    train(params, d["prepared"], d["backbone"], d["features"], d["models"], d["reports"])
-    evaluate(params, d["prepared"], d["features"], d["models"], d["reports"])
-    result = export(params, d["prepared"], d["models"], d["reports"], d["export"])
-    return params, d, result
+    layout = Layout(work)
+    for stage in (data, backbone, features, train, evaluate):
+        stage.run(params, layout)
+    return params, layout, export.run(params, layout)
 
 
 def torch_runner(model, runtime: str):
@@ -81,11 +75,11 @@ def load_runner(runtime: str, work: Path):
     if runtime == "ort":
         from tasks.runtime import open_session
 
-        session, _ = open_session(work / "export" / "model.onnx", device="cpu")
+        session, _ = open_session(Layout(work).model_onnx, device="cpu")
         return lambda x: session.run(["probabilities"], {"images": x})
-    from tasks.train import load_classifier
+    from tasks.model import load_classifier
 
-    return torch_runner(load_classifier(work / "models" / "classifier.pt")[0], runtime)
+    return torch_runner(load_classifier(Layout(work).classifier)[0], runtime)
 
 
 def worker(runtime: str, work: Path) -> None:
@@ -157,16 +151,15 @@ def main() -> None:
     if data is None:
         print(f"{DEFAULT_DATA} not found: benchmarking on the offline digits demo", file=sys.stderr)
 
-    from tasks.data import load_dataset
+    from tasks.model import load_classifier
     from tasks.preprocess import load_image
     from tasks.runtime import CPU
-    from tasks.train import load_classifier
 
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         work = Path(tmp)
-        params, d, exported = build(data, work, not args.no_int8)
-        model, _ = load_classifier(d["models"] / "classifier.pt")
-        ds = load_dataset(d["prepared"])
+        params, layout, exported = build(data, work, not args.no_int8)
+        model, _ = load_classifier(layout.classifier)
+        ds = layout.dataset()
         items = (ds.split("test") or ds.split("val"))[:32]
         pixels = np.stack([load_image(ds.resolve(it), model.features.card) for it in items])
         np.save(work / "pixels.npy", pixels)

@@ -42,26 +42,24 @@ def warm_page_cache(root: Path) -> None:
 
 
 def run_pipeline(data_root: Path, work: Path) -> dict:
-    from tasks.backbone import build_backbone
+    from tasks import backbone as backbone_stage
+    from tasks import data, evaluate, features, train
     from tasks.config import parse_params
-    from tasks.data import prepare
-    from tasks.evaluate import evaluate
-    from tasks.features import compute_features
-    from tasks.train import train
+    from tasks.layout import Layout
 
     params = parse_params({"data": {"dataset": "imagefolder", "root": str(data_root)}})
-    dirs = {k: work / k for k in ("prepared", "backbone", "features", "models", "reports")}
+    layout = Layout(work)
     t = time.perf_counter()
-    prep = prepare(params.data, dirs["prepared"])
+    prep = data.run(params, layout)
     prepare_s = time.perf_counter() - t
-    backbone = build_backbone(params.backbone, dirs["backbone"])
+    backbone = backbone_stage.run(params, layout)
 
     t0 = time.perf_counter()
-    feats = compute_features(params, dirs["prepared"], dirs["backbone"], dirs["features"], force=True)
+    feats = features.run(params, layout, force=True)
     t1 = time.perf_counter()
-    trained = train(params, dirs["prepared"], dirs["backbone"], dirs["features"], dirs["models"], dirs["reports"])
+    trained = train.run(params, layout)
     t2 = time.perf_counter()
-    ev = evaluate(params, dirs["prepared"], dirs["features"], dirs["models"], dirs["reports"])
+    ev = evaluate.run(params, layout)
     t3 = time.perf_counter()
     return {
         "pipeline_s": t3 - t0, "features_s": t1 - t0, "train_s": t2 - t1, "evaluate_s": t3 - t2,
@@ -69,16 +67,16 @@ def run_pipeline(data_root: Path, work: Path) -> dict:
         "prepare_s": prepare_s, "backbone_s": backbone.seconds, "skipped_images": prep.skipped,
         "pipeline_acc": ev.metrics["accuracy"], "pipeline_eval_split": ev.metrics["eval_split"],
         **{k: trained.summary[k] for k in ("solver", "l2", "best_epoch", "selection")},
-        "card": backbone.card, "backbone_dir": dirs["backbone"],
+        "card": backbone.card, "layout": layout,
     }
 
 
-def run_reference(data_root: Path, backbone_dir: Path, epochs: int, batch_size: int, workers: int) -> dict:
+def run_reference(data_root: Path, layout, epochs: int, batch_size: int, workers: int) -> dict:
     from torchvision import datasets, transforms
 
-    from tasks.backbone import load_feature_extractor
+    from tasks.model import load_feature_extractor
 
-    extractor = load_feature_extractor(backbone_dir)
+    extractor = load_feature_extractor(layout)
     card = extractor.card
     normalize = transforms.Normalize(card.mean, card.std)
     interp = transforms.InterpolationMode(card.interpolation)
@@ -131,9 +129,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         pipe = run_pipeline(args.data, Path(tmp))
         pipeline_rss = peak_rss_mb()
-        ref = run_reference(args.data, pipe["backbone_dir"], args.epochs, args.batch_size, args.workers)
+        ref = run_reference(args.data, pipe["layout"], args.epochs, args.batch_size, args.workers)
     card = pipe.pop("card")
-    pipe.pop("backbone_dir")
+    pipe.pop("layout")
     result = {
         "speedup": round(ref["reference_s"] / pipe["pipeline_s"], 2),
         "pipeline_acc": round(pipe["pipeline_acc"], 4),

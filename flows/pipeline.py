@@ -57,6 +57,7 @@ def apply_overrides(overrides: dict[str, Any], params_file: Path = Path("params.
     from tasks.files import write_text
 
     yaml = YAML()
+    yaml.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = yaml.load(params_file.read_text())
     plain = json.loads(json.dumps(doc))
     current = flatten(plain)

@@ -133,3 +133,27 @@ def test_overrides_are_validated_and_written_with_comments_kept(tmp_path):
     assert params.train.l2 == [0.05] and params.data.dataset == "imagefolder"
     text = params_file.read_text()
     assert "# Every knob of the pipeline" in text and "dataset: imagefolder" in text
+
+
+def test_the_flow_takes_typed_params_and_writes_only_what_changed(tmp_path):
+    """The Prefect UI builds its form from the flow's parameter schema: typed sections, not a free-form dict."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import apply_overrides, flatten, transfer_learning
+    from tasks.config import Params, TrainParams
+
+    schema = parameter_schema(transfer_learning).model_dump()
+    defs = schema["definitions"]
+    assert "params" in schema["properties"]
+    assert {"TrainParams", "DataParams", "ExportParams"} <= set(defs)
+    assert defs["TrainParams"]["properties"]["epochs"]["type"] == "integer"
+    assert defs["DataParams"]["properties"]["dataset"]["enum"] == ["digits", "imagefolder", "cifar10", "cifar100"]
+
+    params_file = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params_file)
+    before = params_file.read_text().splitlines()
+    typed = Params(train=TrainParams(epochs=7))
+    assert apply_overrides(flatten(typed.model_dump(mode="json")), params_file).train.epochs == 7
+    after = params_file.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(before) == len(after) and len(changed) == 1 and "epochs: 7" in changed[0][1]
