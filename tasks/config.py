@@ -145,6 +145,9 @@ class TrainParams(Section):
 class EvaluateParams(Section):
     ece_bins: int = Field(15, ge=1)
     top_mistakes: int = Field(20, ge=0)
+    bootstrap_samples: int = Field(1000, ge=0)
+    """Resamples for the 95% bootstrap intervals of accuracy and macro-F1; 0 = none."""
+    bootstrap_seed: int = 0
 
 
 class ExportParams(Section):

@@ -57,6 +57,34 @@ def per_class_scores(cm: np.ndarray) -> dict[str, np.ndarray]:
     return {"precision": precision, "recall": recall, "f1": f1, "support": support}
 
 
+def bootstrap_ci(y: np.ndarray, pred: np.ndarray, n_classes: int, samples: int = 1000, seed: int = 0,
+                 level: float = 0.95, chunk: int = 100) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of accuracy and macro-F1: resample the evaluation images with
+    replacement `samples` times (seeded, so the interval is reproducible) and take the central `level`.
+
+    A 153-image score moves by several points between resamples; the interval says how many.
+    """
+    rng = np.random.default_rng(seed)
+    n, k = len(y), n_classes
+    accs, f1s = [], []
+    for start in range(0, samples, chunk):
+        b = min(chunk, samples - start)
+        idx = rng.integers(0, n, (b, n))
+        yi, pi = y[idx], pred[idx]
+        accs.append((yi == pi).mean(axis=1))
+        cm = np.bincount((np.arange(b)[:, None] * k * k + yi * k + pi).ravel(), minlength=b * k * k).reshape(b, k, k)
+        tp = np.einsum("bii->bi", cm).astype(float)
+        support, predicted = cm.sum(axis=2), cm.sum(axis=1)
+        precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+        recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+        f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
+        present = support > 0
+        f1s.append((f1 * present).sum(axis=1) / np.maximum(present.sum(axis=1), 1))
+    tails = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    return {"accuracy": [float(v) for v in np.percentile(np.concatenate(accs), tails)],
+            "macro_f1": [float(v) for v in np.percentile(np.concatenate(f1s), tails)]}
+
+
 def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> tuple[float, list[dict]]:
     """Equal-width confidence bins; ECE = sum over bins of |accuracy - confidence| weighted by bin size."""
     conf = probs.max(axis=1)
@@ -186,7 +214,10 @@ def run(params: Params, layout: Layout, progress: Progress | None = None) -> Eva
     # Every report is staged and moved in together: a failure leaves the previous reports whole.
     with atomic_files(layout.reports) as reports_dir:
         skipped = int(layout.read_json(layout.prepared / "report.json", {}).get("skipped_count", 0))
+        ci = bootstrap_ci(y, r["pred"], len(dataset.classes), ep.bootstrap_samples, ep.bootstrap_seed) \
+            if ep.bootstrap_samples else {}
         metrics = {**{k: round(v, 6) if isinstance(v, float) else v for k, v in r["metrics"].items()},
+                   **{f"{k}_ci95": [round(v, 4) for v in lo_hi] for k, lo_hi in ci.items()},
                    "eval_split": split, "num_classes": len(dataset.classes), "skipped_images": skipped,
                    "model_selected_on": meta.get("selection"), "solver": meta.get("solver"),
                    "l2": meta.get("l2"), "best_epoch": meta.get("best_epoch")}
@@ -224,7 +255,8 @@ def run(params: Params, layout: Layout, progress: Progress | None = None) -> Eva
 def describe(r: EvaluateResult) -> str:
     m = r.metrics
     top5 = f", top-5 {m['top5_accuracy']:.4f}" if "top5_accuracy" in m else ""
-    return (f"evaluate: {m['eval_split']} n={m['n']}: accuracy {m['accuracy']:.4f}{top5}, macro-F1 {m['macro_f1']:.4f}, "
+    ci = "" if "accuracy_ci95" not in m else " [{:.3f}, {:.3f}]".format(*m["accuracy_ci95"])
+    return (f"evaluate: {m['eval_split']} n={m['n']}: accuracy {m['accuracy']:.4f}{ci}{top5}, macro-F1 {m['macro_f1']:.4f}, "
             f"ECE {m['ece']:.4f}; skipped images {m['skipped_images']}\n"
             f"  reports: {r.reports_dir}/metrics.json, per_class.csv, confusion.png, calibration.png, mistakes.json")
 

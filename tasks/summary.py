@@ -22,6 +22,7 @@ def main(layout: Layout = Layout()) -> int:
         + (f", {data['skipped']} file(s) skipped (data/prepared/report.json)" if data["skipped"] else ""),
         f"backbone  {card['arch']} ({card['source']}), {card['feature_dim']}-d features",
         f"result    {m['eval_split']} accuracy {m['accuracy']:.4f}"
+        + (" [{:.3f}, {:.3f}]".format(*m["accuracy_ci95"]) if "accuracy_ci95" in m else "")
         + (f", top-5 {m['top5_accuracy']:.4f}" if "top5_accuracy" in m else "")
         + f", macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f} (n={m['n']}; {m['solver']}, "
         + (f"L2 {m['l2']}" if m["solver"] == "lbfgs" else f"epoch {m['best_epoch']}") + f" chosen on {m['model_selected_on']})",

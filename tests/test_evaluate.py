@@ -55,3 +55,21 @@ def test_evaluate_writes_every_report(imagefolder, workdir):
     assert [x["confidence"] for x in mistakes] == sorted((x["confidence"] for x in mistakes), reverse=True)
     for png in ("confusion.png", "calibration.png"):
         assert (workdir.reports / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bootstrap_interval_is_reproducible_and_brackets_the_score():
+    from tasks.evaluate import bootstrap_ci
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 3, 150)
+    pred = np.where(rng.random(150) < 0.8, y, (y + 1) % 3)  # ~80% right
+    a, b = bootstrap_ci(y, pred, 3, 500, seed=7), bootstrap_ci(y, pred, 3, 500, seed=7)
+    assert a == b  # same seed, same interval
+    acc = float((y == pred).mean())
+    lo, hi = a["accuracy"]
+    assert lo < acc < hi and 0.05 < hi - lo < 0.2  # ~ +-1.96 * sqrt(.8 * .2 / 150) = +-0.064
+    assert bootstrap_ci(y, pred, 3, 500, seed=8) != a
+    f1 = classification_metrics(np.eye(3)[pred] * 5, y, ["a", "b", "c"])["metrics"]["macro_f1"]
+    assert a["macro_f1"][0] < f1 < a["macro_f1"][1]
+    perfect = bootstrap_ci(y, y, 3, 100)
+    assert perfect == {"accuracy": [1.0, 1.0], "macro_f1": [1.0, 1.0]}
