@@ -160,7 +160,7 @@ def main() -> None:
         params, layout, exported = build(data, work, not args.no_int8)
         model, _ = load_classifier(layout.classifier)
         ds = layout.dataset()
-        items = (ds.split("test") or ds.split("val"))[:32]
+        items = ds.split(ds.eval_split)[:32]
         pixels = np.stack([load_image(ds.resolve(it), model.features.card) for it in items])
         np.save(work / "pixels.npy", pixels)
         a, b = (torch_runner(model, rt)(pixels[:4]) for rt in ("torch", "torch_nchw"))  # same function of the pixels
