@@ -50,15 +50,22 @@ def free_port() -> int:
 class ServerProcess:
     """`python -m deploy.server` in a subprocess on 127.0.0.1; stopped by its PID."""
 
-    def __init__(self, model: Path, log: Path, *args: str, env: dict | None = None):
+    def __init__(self, model: Path, log: Path, *args: str, env: dict | None = None, nofile: int | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self._log_f = open(log, "w")  # noqa: SIM115 - closed in stop(), outlives this method
+
+        def limit_files():  # in the child: what `ulimit -n` does
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "deploy.server", "--model-path", str(model), "--host", "127.0.0.1",
              "--port", str(self.port), "--device", "cpu", "--threads", "2", *args],
-            cwd=ROOT, stdout=self._log_f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+            cwd=ROOT, stdout=self._log_f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            preexec_fn=limit_files if nofile else None)
 
     def wait_ready(self, timeout: float = 60) -> ServerProcess:
         deadline = time.monotonic() + timeout
@@ -323,6 +330,46 @@ def test_malformed_infer_requests_are_400_not_500(server, body):
     assert r.status_code == 400 and r.json()["error"], (r.status_code, r.text)
 
 
+def _bomb_png() -> bytes:
+    from test_serve_codec import png_header_only
+
+    return png_header_only(60000, 60000)  # declares 3.6 G pixels: over Pillow's own decompression-bomb limit
+
+
+INFER = f"/v2/models/{MODEL_NAME}/infer"
+ONE_IMAGE = [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}]
+CLIENT_ERRORS = [  # (method, path, httpx keyword arguments, status, words in the error); each was a 405 or a 500
+    ("HEAD", "/v2/health/live", {}, 200, ()),
+    ("HEAD", "/v2/health/ready", {}, 200, ()),
+    ("HEAD", f"/v2/models/{MODEL_NAME}/ready", {}, 200, ()),
+    ("POST", INFER, {"content": b"[" * 100_000 + b"]" * 100_000}, 400, ("nested too deeply",)),
+    ("POST", INFER, {"content": b'{"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 224, 224, 3], "data": '
+                     + b"[" * 500 + b"1" + b"]" * 500 + b"}]}"}, 400, ("not a regular",)),
+    ("POST", INFER, {"json": {"inputs": ONE_IMAGE, "outputs": [{"name": ["probabilities"]}]}}, 400, ("unknown output",)),
+    ("POST", INFER, {"json": {"inputs": ONE_IMAGE, "outputs": [{"name": {"probabilities": 1}}]}}, 400, ("unknown output",)),
+    ("POST", INFER, {"json": {"inputs": ONE_IMAGE, "id": {"a": [1]}}}, 400, ("'id' must be a string",)),
+    ("POST", "/v1/predict", {"files": [("files", ("bomb.png", "BOMB", "image/png"))]}, 413, ("bomb.png", "MAX_IMAGE_PIXELS")),
+    ("POST", INFER, {"json": {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1], "data": ["BOMB"]}]}},
+     413, ("element 0", "MAX_IMAGE_PIXELS")),
+]
+
+
+@pytest.mark.parametrize("method, path, kw, status, words", CLIENT_ERRORS, ids=range(len(CLIENT_ERRORS)))
+def test_every_client_error_is_a_4xx_and_head_answers_like_get(server, method, path, kw, status, words):
+    bomb = _bomb_png()
+    if "files" in kw:
+        kw = {"files": [(f, (n, bomb, t)) for f, (n, _, t) in kw["files"]]}
+    if "json" in kw and kw["json"]["inputs"][0].get("data") == ["BOMB"]:
+        kw = {"json": {"inputs": [{**kw["json"]["inputs"][0], "data": [base64.b64encode(bomb).decode()]}]}}
+    r = httpx.request(method, server.url + path, timeout=30, **kw)
+    if method == "HEAD":
+        get = httpx.get(server.url + path, timeout=30)
+        assert (r.status_code, r.content) == (get.status_code, b"") and r.headers["content-type"] == get.headers["content-type"]
+    if status >= 400:
+        _error(r, status, *words)
+    assert r.status_code == status
+
+
 def test_unknown_model_or_version_is_404(server):
     _error(httpx.get(f"{server.url}/v2/models/resnet"), 404, "resnet", MODEL_NAME)
     _error(httpx.get(f"{server.url}/v2/models/{MODEL_NAME}/versions/2"), 404, "version")
@@ -416,6 +463,8 @@ def test_not_ready_is_503_then_ready_then_sigterm_exits_cleanly(model, tmp_path)
         assert live.status_code == 200
         r = httpx.get(s.url + "/v2/health/ready")
         assert r.status_code == 503 and r.json() == {"ready": False}
+        assert httpx.head(s.url + "/v2/health/ready").status_code == 503
+        assert httpx.head(s.url + "/v2/health/live").status_code == 200
         _error(httpx.get(f"{s.url}/v2/models/{MODEL_NAME}/ready"), 503, "not ready")
         _error(_infer_json(s, [{"name": "images", "datatype": "UINT8", "shape": [1, 224, 224, 3], "data": [0]}]), 503, "not ready")
         s.wait_ready()

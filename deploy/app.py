@@ -1,0 +1,284 @@
+"""The served model and the HTTP routes: what deploy/server.py runs under uvicorn.
+
+The wire format is deploy/codec.py's, batching deploy/batcher.py's, decoding deploy/images.py's and the
+limits deploy/limits.py's; this module wires them to one model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deploy.batcher import Batcher
+from deploy.budget import Budget
+from deploy.codec import (
+    HEADER_LEN,
+    InputSpec,
+    binary_chunks,
+    decode_input,
+    decompress,
+    encode_infer_response,
+    parse_infer_body,
+    requested_outputs,
+    v2_datatype_of_ort,
+)
+from deploy.errors import ServeError, bad
+from deploy.images import decode_images
+from deploy.limits import LimitsAndMetrics
+from deploy.metrics import Metrics
+from deploy.settings import Settings
+from tasks.preprocess import PreprocessingCard
+from tasks.runtime import open_session
+
+log = logging.getLogger("tlcv.serve")
+
+
+@dataclass
+class Model:
+    session: Any
+    provider: str
+    name: str
+    labels: list[str]
+    card: PreprocessingCard
+    input_name: str
+    input_shape: list[int]  # [-1, H, W, 3]
+    outputs: list[dict]  # [{"name", "datatype", "shape"}]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str, name: str, device: str, threads: int, spinning: bool = False) -> Model:
+        import onnxruntime as ort
+
+        if device == "auto":  # the CUDA provider's library error on a CPU-only host is expected under auto
+            ort.set_default_logger_severity(4)
+        try:
+            # spinning off by default: idle onnxruntime threads would burn the cores HTTP and decoding need
+            session, provider = open_session(path, device=device, threads=threads or None, spinning=spinning)
+        finally:
+            ort.set_default_logger_severity(2)
+        meta = dict(session.get_modelmeta().custom_metadata_map)
+        inp = session.get_inputs()
+        if len(inp) != 1 or inp[0].type != "tensor(uint8)" or len(inp[0].shape) != 4:
+            raise RuntimeError(f"{path}: expected one uint8 [N, H, W, 3] input, got {[(i.name, i.type, i.shape) for i in inp]}")
+        card_d = json.loads(meta["preprocessing"])
+        known = {f.name for f in fields(PreprocessingCard)}
+        card = PreprocessingCard.from_dict({k: v for k, v in card_d.items() if k in known})
+        labels = json.loads(meta["labels"]) if "labels" in meta else []
+        shape = [-1] + [int(d) if isinstance(d, int) else -1 for d in inp[0].shape[1:]]
+        if shape[1:3] == [-1, -1]:
+            shape[1:3] = list(card.input_size)
+        outs = [{"name": o.name, "datatype": v2_datatype_of_ort(o.type),
+                 "shape": [-1] + [int(d) if isinstance(d, int) else -1 for d in o.shape[1:]]} for o in session.get_outputs()]
+        if labels:
+            for o in outs:
+                if len(o["shape"]) == 2 and o["shape"][1] == -1:
+                    o["shape"][1] = len(labels)
+        return cls(session, provider, name, labels, card, inp[0].name, shape, outs, meta)
+
+    def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        results = self.session.run(None, {self.input_name: pixels})
+        return {o["name"]: r for o, r in zip(self.outputs, results)}
+
+
+class Service:
+    """The model once it is loaded, its batcher, the metrics and the memory budgets every request shares."""
+
+    def __init__(self, settings: Settings):
+        s = self.settings = settings
+        self.metrics = Metrics()
+        self.model: Model | None = None
+        self.batcher: Batcher | None = None
+        self.load_error: BaseException | None = None
+        self.ready = threading.Event()
+        self.body_budget = Budget("request bodies", s.max_buffered_bytes, "bytes", "MAX_BUFFERED_BYTES")
+        self.decode_budget = Budget("image decoding", s.max_decode_pixels, "pixels", "MAX_DECODE_PIXELS")
+
+    # -- lifecycle
+    def load(self):
+        s = self.settings
+        try:
+            if s.startup_delay_s > 0:
+                log.info("waiting %.1fs before loading the model (STARTUP_DELAY_S)", s.startup_delay_s)
+                time.sleep(s.startup_delay_s)
+            t0 = time.perf_counter()
+            model = Model.load(s.model_path, s.model_name, s.device, s.threads, s.ort_spinning)
+            h, w = model.input_shape[1:3]
+            model.run(np.zeros((1, h, w, 3), np.uint8))  # warm-up: first run allocates
+            self.model = model
+            self.batcher = Batcher(model.run, s.max_batch_size, s.max_wait_ms, s.batching, self.metrics.observe_batch)
+            log.info("model %s loaded from %s in %.2fs on %s; labels %s; input %s %s; batching %s (max %d, wait %.1f ms)",
+                     s.model_name, s.model_path, time.perf_counter() - t0, model.provider, model.labels,
+                     model.input_name, model.input_shape, "on" if s.batching else "off", s.max_batch_size, s.max_wait_ms)
+            self.ready.set()
+            self.metrics.ready.set(1)
+        except BaseException as e:  # noqa: BLE001
+            self.load_error = e
+            log.error("cannot load model %s: %s: %s", s.model_path, type(e).__name__, e)
+
+    def close(self):
+        self.ready.clear()
+        self.metrics.ready.set(0)
+        if self.batcher:
+            self.batcher.close()
+
+    # -- helpers
+    def check_model(self, name: str, version: str | None) -> Model:
+        if name != self.settings.model_name:
+            raise ServeError(404, f"unknown model '{name}': this server serves '{self.settings.model_name}'")
+        if version not in (None, "", "1"):
+            raise ServeError(404, f"unknown version '{version}' of model '{name}': the only version is '1'")
+        if not self.ready.is_set() or self.model is None:
+            raise ServeError(503, f"model '{name}' is not ready yet")
+        return self.model
+
+    def input_spec(self, m: Model) -> InputSpec:
+        return InputSpec(m.input_name, m.input_shape[1], m.input_shape[2], self.settings.max_batch_size)
+
+    def model_metadata(self, m: Model) -> dict:
+        return {"name": m.name, "versions": ["1"], "platform": "onnxruntime_onnx",
+                "inputs": [{"name": m.input_name, "datatype": "UINT8", "shape": m.input_shape}],
+                "outputs": m.outputs,
+                "parameters": {"labels": m.labels, "provider": m.provider, "preprocessing": m.card.preprocessing_dict(),
+                               "max_batch_size": self.settings.max_batch_size,
+                               "accepts": [f"{m.input_name}: UINT8 {m.input_shape}",
+                                           f"{m.input_name}: BYTES [-1] encoded images"]}}
+
+    async def decode(self, m: Model, items: list[tuple[str, bytes]]) -> np.ndarray:
+        s = self.settings
+        return await decode_images(items, m.card, s.max_image_pixels, self.decode_budget, s.queue_timeout_s)
+
+
+def create_app(settings: Settings):
+    """(ASGI app wrapped in LimitsAndMetrics, Service)."""
+    from contextlib import asynccontextmanager
+
+    service = Service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        loader = threading.Thread(target=service.load, name="model-loader", daemon=True)
+        loader.start()
+        app.state.loader = loader
+        yield
+        service.close()
+
+    app = FastAPI(title="tlcv inference server", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, e: ServeError):
+        return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        msgs = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg')}" for err in e.errors())
+        return JSONResponse({"error": f"invalid request: {msgs}"}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):  # a bug, not bad input: say so, keep serving
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
+
+    get = ["GET", "HEAD"]  # HEAD answers as GET does, without the body (probes and load balancers use it)
+
+    # -- health and metadata
+    @app.api_route("/v2/health/live", methods=get)
+    async def live():
+        return JSONResponse({"live": True})
+
+    @app.api_route("/v2/health/ready", methods=get)
+    async def ready():
+        ok = service.ready.is_set()
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.api_route("/v2", methods=get)
+    async def server_metadata():
+        return {"name": "tlcv", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+
+    @app.api_route("/v2/models/{name}", methods=get)
+    @app.api_route("/v2/models/{name}/versions/{version}", methods=get)
+    async def model_metadata(name: str, version: str | None = None):
+        return service.model_metadata(service.check_model(name, version))
+
+    @app.api_route("/v2/models/{name}/ready", methods=get)
+    @app.api_route("/v2/models/{name}/versions/{version}/ready", methods=get)
+    async def model_ready(name: str, version: str | None = None):
+        service.check_model(name, version)
+        return JSONResponse({"name": name, "ready": True})
+
+    # -- inference
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request, version: str | None = None):
+        m = service.check_model(name, version)
+        body = decompress(await request.body(), request.headers.get("content-encoding", ""), settings.max_body_bytes)
+        req, tail = parse_infer_body(body, request.headers.get(HEADER_LEN))
+        chunks = binary_chunks(req, tail)
+        if len(req["inputs"]) != 1:
+            raise bad(f"expected exactly one input named '{m.input_name}', got {len(req['inputs'])}")
+        requested_outputs(req, [o["name"] for o in m.outputs])  # a bad output request fails before any work
+        pixels = decode_input(req["inputs"][0], chunks[0], service.input_spec(m))
+        if isinstance(pixels, list):  # BYTES: encoded images
+            pixels = await service.decode(m, [(f"input '{m.input_name}' element {i}", b) for i, b in enumerate(pixels)])
+        out = await service.batcher.infer(pixels)
+        content, headers = encode_infer_response(m.name, req, out)
+        return Response(content=content, headers=headers, media_type=None)
+
+    @app.post("/v1/predict")
+    async def predict(request: Request, top_k: int = 5):
+        m = service.check_model(settings.model_name, None)
+        if top_k < 1:
+            raise bad(f"top_k must be >= 1, got {top_k}")
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            raise bad(f"expected multipart/form-data with one or more image files, got content-type {ctype!r}")
+        try:
+            form = await request.form(max_files=settings.max_batch_size + 1, max_fields=100)
+        except Exception as e:  # noqa: BLE001 - malformed multipart
+            raise bad(f"cannot parse the multipart body: {e}") from None
+        try:
+            files = [(k, v) for k, v in form.multi_items() if hasattr(v, "read")]
+            if not files:
+                raise bad("no image files in the multipart body (send them as file fields, e.g. -F file=@cat.jpg)")
+            if len(files) > settings.max_batch_size:
+                raise bad(f"{len(files)} images in one request, over the limit of {settings.max_batch_size} (MAX_BATCH_SIZE)")
+            blobs = [(v.filename or k, await v.read()) for k, v in files]
+        finally:
+            await form.close()
+        pixels = await service.decode(m, [(f"file '{fn}'", b) for fn, b in blobs])
+        out = await service.batcher.infer(pixels)
+        probs = out.get("probabilities")
+        if probs is None:
+            probs = next(iter(out.values()))
+        k = min(top_k, probs.shape[1])
+        results = []
+        for (fn, _), p in zip(blobs, probs):
+            idx = np.argsort(-p, kind="stable")[:k]
+            label = lambda i: m.labels[i] if i < len(m.labels) else str(i)
+            results.append({"filename": fn, "top_k": [{"label": label(int(i)), "index": int(i), "probability": float(p[i])} for i in idx]})
+        return {"model_name": m.name, "predictions": results}
+
+    @app.api_route("/metrics", methods=get)
+    async def metrics():
+        for label, b in (("body_bytes", service.body_budget), ("decode_pixels", service.decode_budget)):
+            service.metrics.budget_used.labels(label).set(b.used)
+            service.metrics.budget_peak.labels(label).set(b.peak)
+            service.metrics.budget_waiting.labels(label).set(b.waiting)
+        data, ctype = service.metrics.render()
+        return Response(content=data, media_type=ctype)
+
+    return LimitsAndMetrics(app, service), service
