@@ -33,7 +33,7 @@ test: venv
 	python -m pytest -q tests
 
 serve: venv
-	python -m deploy.server --model-path export/model.onnx --host 127.0.0.1 --port 8000
+	python -m deploy.server --model-path $(or $(MODEL_PATH),export/model.onnx) --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),8000)
 
 image:
 	deploy/make-base-image.sh

@@ -5,7 +5,7 @@
 #   deploy/build-image.sh --print-engine          # prints docker, podman or nothing (docker wins if its daemon answers)
 #
 # The model (default export/model.onnx; any path) is baked in as /models/model.onnx. The build
-# context is a temporary folder holding only what deploy/Dockerfile copies (the server, the two
+# context is a temporary folder holding only what deploy/Dockerfile copies (deploy/*.py, the two
 # torch-free tasks modules, the model), laid out as in the repository: the repository root with
 # its multi-GB .venv is never sent to a docker daemon. The base image (default
 # localhost/tlcv-base:bookworm, see deploy/make-base-image.sh) is never pulled.
@@ -49,7 +49,8 @@ fi
 CTX=$(mktemp -d /tmp/tlcv-build.XXXXXX)
 trap 'rm -rf "$CTX"' EXIT
 mkdir -p "$CTX/deploy" "$CTX/tasks" "$CTX/export"
-cp deploy/Dockerfile deploy/requirements.txt deploy/__init__.py deploy/server.py "$CTX/deploy/"
+cp deploy/Dockerfile deploy/requirements.txt "$CTX/deploy/"
+cp deploy/*.py "$CTX/deploy/"
 cp tasks/__init__.py tasks/preprocess.py tasks/runtime.py "$CTX/tasks/"
 cp "$MODEL" "$CTX/export/model.onnx"
 
