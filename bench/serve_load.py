@@ -42,24 +42,20 @@ from tasks.runtime import open_session
 
 
 def build_tiny_model(work: Path) -> Path:
+    """model.onnx of the tests' tiny pipeline: generated images, the real bundled backbone, every stage run."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import (  # the tests' tiny pipeline
-        Workdir,
-        export_,
-        make_imagefolder,
-        tiny_params,
-    )
+    from conftest import Workdir, make_imagefolder, tiny_params  # the tests' tiny pipeline
 
-    from tasks.backbone import build_backbone
+    from tasks import backbone as backbone_stage
     from tasks.config import parse_params
+    from tasks.layout import Layout
 
-    backbone = work / "backbone"
-    build_backbone(parse_params({}).backbone, backbone)
-    images = make_imagefolder(work / "images")
-    w = Workdir(work / "work", backbone)
-    params = tiny_params(images)
+    backbone = Layout(work / "backbone")
+    backbone_stage.run(parse_params({}), backbone)
+    w = Workdir(work / "work", backbone.backbone)
+    params = tiny_params(make_imagefolder(work / "images"))
     w.run_all(params)
-    return export_(w, params).model_path
+    return w.export(params).model_path
 
 
 def raw_ort(model: Path, pixels: np.ndarray, max_batch: int, seconds: float) -> dict:
