@@ -10,8 +10,10 @@ Outputs (one DVC-tracked directory, written atomically):
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
+import stat
 import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -44,30 +46,79 @@ class PrepareResult:
 # ---------------------------------------------------------------- validation
 
 
-def check_image(path: Path) -> tuple[str | None, str | None]:
-    """Read and fully decode one file. Returns (sha256, None) or (None, reason)."""
+MAX_FILE_BYTES = 256 * 2**20  # a larger "image" is refused unread: no photo is this big, a stray archive or disk image is
+
+_FILE_KINDS = ((stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+               (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory"))
+
+
+def printable(path: str | Path) -> str:
+    """A path as valid UTF-8 text for the report: bytes that are not UTF-8 shown as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(name: str) -> bool:
+    # os.walk/iterdir give undecodable bytes as lone surrogates, which no UTF-8 file (CSV, JSON) can hold
     try:
-        data = path.read_bytes()
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _refusal(st: os.stat_result, max_bytes: int) -> str | None:
+    """Why a file with this stat is not even opened, or None."""
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "special file")
+        return f"not a regular file ({kind})"
+    if st.st_size > max_bytes:
+        return f"file too large ({st.st_size} bytes > {max_bytes})"
+    if st.st_size == 0:
+        return "empty file (0 bytes)"
+    return None
+
+
+def check_image(path: Path, max_bytes: int = MAX_FILE_BYTES) -> tuple[str | None, str | None]:
+    """Fully decode one file. Returns (sha256, None) or (None, reason).
+
+    Only regular files of at most `max_bytes` are opened; the decoder reads what it needs from the file
+    (a non-image fails on its first bytes), and the sha256 is streamed over the whole file: never all in memory.
+    """
+    try:
+        reason = _refusal(os.stat(path), max_bytes)
+        if reason:
+            return None, reason
+        # O_NONBLOCK: should it have become a FIFO since the stat, open returns at once and fstat says so
+        f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)), "rb")
     except OSError as exc:
         return None, f"unreadable: {exc.strerror or exc}"
-    if not data:
-        return None, "empty file (0 bytes)"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                if img.width < 1 or img.height < 1:
-                    return None, "image has no pixels"
-                if img.format == "JPEG":  # full entropy decode at 1/8 scale: truncation still fails
-                    img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
-                img.load()
-    except Image.UnidentifiedImageError:
-        return None, "not an image (Pillow cannot identify the format)"
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return None, f"too many pixels: {exc}"
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        return None, f"corrupt or truncated image: {exc}"
-    return sha256_bytes(data), None
+    with f:
+        try:
+            reason = _refusal(os.fstat(f.fileno()), max_bytes)
+        except OSError as exc:
+            reason = f"unreadable: {exc.strerror or exc}"
+        if reason:
+            return None, reason
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(f) as img:
+                    if img.width < 1 or img.height < 1:
+                        return None, "image has no pixels"
+                    if img.format == "JPEG":  # full entropy decode at 1/8 scale: truncation still fails
+                        img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+                    img.load()
+        except Image.UnidentifiedImageError:
+            return None, "not an image (Pillow cannot identify the format)"
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            return None, f"too many pixels: {exc}"
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            return None, f"corrupt or truncated image: {exc}"
+        try:
+            f.seek(0)
+            return hashlib.file_digest(f, "sha256").hexdigest(), None
+        except OSError as exc:
+            return None, f"unreadable: {exc.strerror or exc}"
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -78,37 +129,81 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def scan_class_dirs(base: Path, root_real: Path, skipped: list[dict]) -> dict[str, list[Path]]:
-    """Class name -> files under base/<class>/ (recursively), refusing anything that escapes the root."""
+def scan_class_dirs(root: Path, base: Path, root_real: Path, skipped: list[dict]) -> tuple[dict[str, list[Path]], list[str]]:
+    """Class name -> candidate files under base/<class>/ (recursively), and the class folders that hold no files.
+
+    Refused here and never opened, each reported in `skipped` (paths relative to `root`): entries that
+    escape the root, names that are not UTF-8, anything that is not a regular file (a FIFO would block
+    the read forever). A class whose files were all refused is still a class (with no usable images).
+    """
+
+    def skip(path: Path, reason: str, label: str | None = None, folder: bool = False) -> None:
+        entry: dict = {"path": printable(path.relative_to(root)) + ("/" if folder else "")}
+        if label is not None:
+            entry["label"] = label
+        skipped.append({**entry, "reason": reason})
+
     found: dict[str, list[Path]] = {}
+    empty: list[str] = []
     for class_dir in sorted(p for p in base.iterdir() if not p.name.startswith(".")):
         if class_dir.is_symlink() and not _inside(class_dir.resolve(), root_real):
-            skipped.append({"path": str(class_dir), "reason": "symlink points outside the dataset root"})
+            skip(class_dir, "symlink points outside the dataset root")
             continue
         if not class_dir.is_dir():
             continue
+        if not _is_utf8(class_dir.name):
+            skip(class_dir, "class folder name is not valid UTF-8: rename it", folder=True)
+            continue
+        label = class_dir.name
         files: list[Path] = []
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for d in dirnames:
-                if Path(dirpath, d).is_symlink():
-                    skipped.append({"path": str(Path(dirpath, d)), "reason": "symlinked directory not followed"})
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
+        entries = 0  # visible entries, refused ones included: none at all means an empty class
+        errors: list[OSError] = []
+        for dirpath, dirnames, filenames in os.walk(class_dir, onerror=errors.append, followlinks=False):
+            keep = []
+            for d in sorted(d for d in dirnames if not d.startswith(".")):
+                sub = Path(dirpath, d)
+                if sub.is_symlink():
+                    skip(sub, "symlinked directory not followed", label, folder=True)
+                    entries += 1
+                elif not _is_utf8(d):
+                    skip(sub, "folder name is not valid UTF-8: rename it", label, folder=True)
+                    entries += 1
+                else:
+                    keep.append(d)
+            dirnames[:] = keep
+            for name in sorted(n for n in filenames if not n.startswith(".")):
+                entries += 1
                 p = Path(dirpath, name)
+                if not _is_utf8(name):
+                    skip(p, "file name is not valid UTF-8: rename it", label)
+                    continue
                 if p.is_symlink() and not _inside(p.resolve(), root_real):
-                    skipped.append({"path": str(p), "reason": "symlink points outside the dataset root"})
+                    skip(p, "symlink points outside the dataset root", label)
+                    continue
+                try:
+                    st = os.stat(p)  # through a symlink (one inside the root): what would be read
+                except OSError as exc:
+                    skip(p, f"unreadable: {exc.strerror or exc}", label)
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    skip(p, _refusal(st, MAX_FILE_BYTES) or "", label)  # "not a regular file (fifo)"
                     continue
                 files.append(p)
-        found[class_dir.name] = files
-    return found
+        for exc in errors:
+            skip(Path(exc.filename or class_dir), f"unreadable folder: {exc.strerror or exc}", label, folder=True)
+        entries += len(errors)
+        if entries:
+            found[label] = files
+        else:
+            empty.append(label)
+    return found, empty
 
 
 def build_manifest(root: Path, params: DataParams, skipped: list[dict], report_path: Path) -> tuple[list[Item], list[str], dict]:
     """Scan an image folder (class folders, or train/val/test of class folders) into manifest items.
 
     Skipped files are appended to `skipped` as they are found, so the report exists even when this fails.
+    The returned dict (duplicates, empty class folders) joins the report.
     """
     if not root.is_dir():
         raise DataError(
@@ -119,15 +214,28 @@ def build_manifest(root: Path, params: DataParams, skipped: list[dict], report_p
     split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
     presplit = "train" in split_dirs and len(split_dirs) >= 2
     candidates: list[tuple[str, str, str | None]] = []  # (rel path, label, split or None)
-    if presplit:
-        for split, base in split_dirs.items():
-            for label, files in scan_class_dirs(base, root_real, skipped).items():
-                candidates += [(p.relative_to(root).as_posix(), label, split) for p in files]
-    else:
-        for label, files in scan_class_dirs(root, root_real, skipped).items():
-            candidates += [(p.relative_to(root).as_posix(), label, None) for p in files]
-    if not candidates:
+    classes: set[str] = set()
+    empty_dirs: list[tuple[Path, str]] = []
+    for split, base in (split_dirs.items() if presplit else [(None, root)]):
+        found, empty = scan_class_dirs(root, base, root_real, skipped)
+        classes.update(found)
+        empty_dirs += [(base / label, label) for label in empty]
+        for label, files in found.items():
+            candidates += [(p.relative_to(root).as_posix(), label, split) for p in files]
+    # An empty class folder is no class (reported); a class empty in one split only is still a class.
+    empty_classes = sorted({label for _, label in empty_dirs} - classes)
+    skipped += [{"path": printable(d.relative_to(root)) + "/", "label": label, "reason": "class folder holds no files"}
+                for d, label in empty_dirs if label in empty_classes]
+    labels = sorted(classes)
+    if not labels and not empty_classes:
         raise DataError(f"no files found under {root}: expected class sub-folders holding images")
+    if len(labels) < 2:
+        found_ = f"only {', '.join(map(repr, labels))}" if labels else "none"
+        why = f"; empty class folder(s) {', '.join(map(repr, empty_classes))} hold no files" if empty_classes else ""
+        raise DataError(
+            f"need at least 2 classes (class sub-folders holding images) under {root}, found {found_}{why}. "
+            f"See {report_path}"
+        )
 
     paths = [root / rel for rel, _, _ in candidates]
     workers = min(8, (os.cpu_count() or 1) * 2)
@@ -142,7 +250,6 @@ def build_manifest(root: Path, params: DataParams, skipped: list[dict], report_p
             good.append((rel, label, split, sha))
 
     counts = Counter(label for _, label, _, _ in good)
-    labels = sorted({label for _, label, _ in candidates})
     too_few = [c for c in labels if counts[c] < params.min_images_per_class]
     if too_few:
         detail = ", ".join(f"{c!r}: {counts[c]}" for c in too_few)
@@ -165,7 +272,7 @@ def build_manifest(root: Path, params: DataParams, skipped: list[dict], report_p
     items = cap_per_class(items, params.max_images_per_class, params.seed)
     if not any(it.split == "train" for it in items):
         raise DataError(f"no training images under {root}")
-    return items, labels, find_duplicates(items)
+    return items, labels, {**find_duplicates(items), "empty_classes": empty_classes}
 
 
 def cap_per_class(items: list[Item], cap: int | None, seed: int) -> list[Item]:

@@ -75,10 +75,37 @@ def decode_rgb(source: str | Path | bytes | Image.Image, min_short_side: int) ->
     if img.format == "JPEG" and min(w, h) > 2 * min_short_side:
         scale = min_short_side / min(w, h)
         img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-    img = ImageOps.exif_transpose(img)
+    img = to_8bit(ImageOps.exif_transpose(img))
     if img.mode != "RGB":
         img = img.convert("RGBA").convert("RGB") if img.mode in ("P", "LA", "PA") else img.convert("RGB")
     return img
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """Rescale high-bit-depth greyscale to 8 bits; any other image is returned as it is.
+
+    Pillow's convert("RGB") clips "I;16"/"I"/"F" values at 255, so a 16-bit PNG or TIFF comes out almost
+    white. 16-bit modes keep their top byte (v >> 8). "I" and "F" values within 0..255 are already 8-bit;
+    within 0..65535 they are a 16-bit container (Pillow decodes 16-bit TIFF, and PGM of any maxval rescaled
+    to 65535, as "I"); anything wider (negative, or beyond 16 bits) is stretched over its own min..max.
+    """
+    if img.mode in SIXTEEN_BIT_MODES:
+        return Image.fromarray((np.asarray(img) >> 8).astype(np.uint8))
+    if img.mode not in ("I", "F"):
+        return img
+    arr = np.asarray(img, dtype=np.float32)
+    finite = np.isfinite(arr)  # "F" may hold NaN/inf
+    lo, hi = (float(arr[finite].min()), float(arr[finite].max())) if finite.any() else (0.0, 0.0)
+    if lo >= 0 and hi <= 255:
+        return img
+    arr = np.where(finite, arr, lo)
+    if lo >= 0 and hi <= 65535:
+        return Image.fromarray((arr // 256).astype(np.uint8))  # v >> 8
+    scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return Image.fromarray(np.round((arr - lo) * scale).astype(np.uint8))
 
 
 def resize_center_crop(img: Image.Image, resize_size: int, crop: tuple[int, int], interpolation: str) -> Image.Image:

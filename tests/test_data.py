@@ -1,8 +1,12 @@
+import contextlib
 import csv
 import hashlib
 import io
+import os
 import pickle
+import socket
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -196,3 +200,163 @@ def test_cifar10_archive_placed_by_hand_is_used_offline(tmp_path, monkeypatch):
     params = parse_params({"data": {"dataset": "cifar10", "download_url": closed_port_url("cifar-10-python.tar.gz"),
                                     "download_dir": str(downloads)}}).data
     assert prepare(params, tmp_path / "prepared").counts["test"] == 4
+
+
+# ---------------------------------------------------------------- edge cases: names, special files, sizes, empty classes
+
+
+def report_of(root: Path) -> dict:
+    """The run's report (written whether prepare succeeded or failed)."""
+    return read_json(Layout(root).prepare_report)
+
+
+def test_names_that_are_not_utf8_are_skipped_with_a_printable_path(imagefolder, tmp_path):
+    jpg = (imagefolder / "circles" / "circles_01.jpg").read_bytes()
+    try:
+        with open(os.fsencode(imagefolder / "circles") + b"/caf\xe9.jpg", "wb") as f:
+            f.write(jpg)
+        bad_class = os.fsencode(imagefolder) + b"/cl\xe9s"
+        os.mkdir(bad_class)
+        for i in range(3):
+            with open(bad_class + b"/%d.jpg" % i, "wb") as f:
+                f.write(jpg)
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses file names that are not UTF-8")
+    r = prepare(tiny_params(imagefolder).data, tmp_path / "prepared")
+    assert r.skipped == 2
+    skipped = read_json(prepared(tmp_path / "prepared") / "report.json")["skipped"]
+    assert {s["path"]: s["reason"] for s in skipped} == {
+        "circles/caf\\xe9.jpg": "file name is not valid UTF-8: rename it",
+        "cl\\xe9s/": "class folder name is not valid UTF-8: rename it",
+    }
+    assert load_dataset(tmp_path / "prepared").classes == ["circles", "squares", "stripes"]
+    assert len(manifest_rows(prepared(tmp_path / "prepared"))) == 24
+
+
+@contextlib.contextmanager
+def fifo_watchdog(fifo: Path):
+    """Yields a list that gets an entry each time someone opened `fifo` to read it.
+
+    A reader blocked on the FIFO (the bug these tests catch) is handed EOF, so the test fails instead of
+    hanging the suite.
+    """
+    stop, opened = threading.Event(), []
+
+    def unblock_readers() -> None:
+        while not stop.wait(0.2):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO unless someone has it open to read
+                opened.append(True)
+            except OSError:
+                pass
+
+    watchdog = threading.Thread(target=unblock_readers, daemon=True)
+    watchdog.start()
+    try:
+        yield opened
+    finally:
+        stop.set()
+        watchdog.join()
+
+
+@pytest.mark.timeout(60)
+def test_fifos_and_sockets_are_skipped_and_never_opened(imagefolder, tmp_path):
+    fifo = imagefolder / "circles" / "pipe.jpg"
+    os.mkfifo(fifo)
+    (imagefolder / "squares" / "link.jpg").symlink_to(fifo)  # inside the root, resolves to the FIFO
+    sock_path = imagefolder / "stripes" / "s.png"
+    with socket.socket(socket.AF_UNIX) as sock, fifo_watchdog(fifo) as opened:
+        if len(os.fsencode(sock_path)) < 100:  # AF_UNIX path limit
+            sock.bind(str(sock_path))
+        assert data.check_image(fifo) == (None, "not a regular file (fifo)")  # the check itself, not only the scan
+        r = prepare(tiny_params(imagefolder).data, tmp_path / "prepared")
+    assert not opened
+    reasons = {s["path"]: s["reason"] for s in read_json(prepared(tmp_path / "prepared") / "report.json")["skipped"]}
+    expected = {"circles/pipe.jpg": "not a regular file (fifo)", "squares/link.jpg": "not a regular file (fifo)"}
+    if sock_path.exists():
+        expected["stripes/s.png"] = "not a regular file (socket)"
+    assert reasons == expected and r.skipped == len(expected)
+
+
+def test_huge_files_are_refused_unread_and_hashes_are_streamed(imagefolder, tmp_path):
+    import tracemalloc
+
+    from tasks.files import sha256_file
+
+    with open(imagefolder / "circles" / "big.jpg", "wb") as f:
+        f.truncate(300 * 2**20)  # sparse: no disk, no time
+    with open(imagefolder / "squares" / "zeros.jpg", "wb") as f:
+        f.truncate(200 * 2**20)  # under the cap, not an image
+    padded = imagefolder / "stripes" / "stripes_00.png"
+    with open(padded, "r+b") as f:
+        f.truncate(100 * 2**20)  # a valid PNG followed by 100 MB of zeros
+    tracemalloc.start()
+    try:
+        assert data.check_image(imagefolder / "squares" / "zeros.jpg") == (None, "not an image (Pillow cannot identify the format)")
+        sha, reason = data.check_image(padded)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert reason is None and sha == sha256_file(padded)  # over the whole content
+    assert peak < 16 * 2**20  # neither file was held in memory
+
+    prepare(tiny_params(imagefolder).data, tmp_path / "prepared")
+    report = read_json(prepared(tmp_path / "prepared") / "report.json")
+    reasons = {s["path"]: s["reason"] for s in report["skipped"]}
+    assert reasons == {
+        "circles/big.jpg": f"file too large ({300 * 2**20} bytes > {data.MAX_FILE_BYTES})",
+        "squares/zeros.jpg": "not an image (Pillow cannot identify the format)",
+    }
+    rows = {r["path"]: r["sha256"] for r in manifest_rows(prepared(tmp_path / "prepared"))}
+    assert rows["stripes/stripes_00.png"] == sha
+
+
+def test_an_empty_class_folder_is_reported_and_the_run_goes_on(imagefolder, tmp_path):
+    (imagefolder / "empty").mkdir()
+    (imagefolder / "hidden_only" / "sub").mkdir(parents=True)
+    (imagefolder / "hidden_only" / ".DS_Store").write_bytes(b"x")
+    r = prepare(tiny_params(imagefolder).data, tmp_path / "prepared")
+    report = read_json(prepared(tmp_path / "prepared") / "report.json")
+    assert report["empty_classes"] == ["empty", "hidden_only"]
+    assert [(s["path"], s["reason"]) for s in report["skipped"]] == [
+        ("empty/", "class folder holds no files"), ("hidden_only/", "class folder holds no files")]
+    assert r.skipped == 2
+    assert load_dataset(tmp_path / "prepared").classes == ["circles", "squares", "stripes"]
+
+
+def test_a_class_empty_in_one_split_only_is_still_a_class(tmp_path):
+    root = make_imagefolder(tmp_path / "data", per_class=3, splits=("train", "val"))
+    for f in (root / "val" / "circles").iterdir():
+        f.unlink()
+    (root / "val" / "extra").mkdir()
+    prepare(tiny_params(root).data, tmp_path / "prepared")
+    report = read_json(prepared(tmp_path / "prepared") / "report.json")
+    assert report["empty_classes"] == ["extra"]
+    assert [s["path"] for s in report["skipped"]] == ["val/extra/"]
+    assert load_dataset(tmp_path / "prepared").classes == ["circles", "squares", "stripes"]
+
+
+def test_empty_class_folders_leaving_one_class_is_a_clear_error(imagefolder, tmp_path):
+    for c in ("squares", "stripes"):
+        for f in (imagefolder / c).iterdir():
+            f.unlink()
+    with pytest.raises(DataError) as e:
+        prepare(tiny_params(imagefolder).data, tmp_path / "prepared")
+    msg = str(e.value)
+    assert "at least 2 classes" in msg and "'circles'" in msg and "'squares', 'stripes'" in msg
+    assert not prepared(tmp_path / "prepared").exists()
+    assert [s["path"] for s in report_of(tmp_path / "prepared")["skipped"]] == ["squares/", "stripes/"]
+
+
+@pytest.mark.timeout(60)
+def test_a_class_whose_files_are_all_refused_is_too_few_not_empty(imagefolder, tmp_path):
+    for f in (imagefolder / "stripes").iterdir():
+        f.unlink()
+    os.mkfifo(imagefolder / "stripes" / "pipe.png")
+    (imagefolder / "stripes" / "empty.png").write_bytes(b"")
+    with fifo_watchdog(imagefolder / "stripes" / "pipe.png") as opened:
+        with pytest.raises(DataError, match=r"too few usable images in class\(es\) 'stripes': 0"):
+            prepare(tiny_params(imagefolder).data, tmp_path / "prepared")
+    assert not opened
+    reasons = [s["reason"] for s in report_of(tmp_path / "prepared")["skipped"]]
+    assert sorted(reasons) == ["empty file (0 bytes)", "not a regular file (fifo)"]

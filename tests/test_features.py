@@ -80,3 +80,37 @@ def test_resize_then_crop_geometry():
     arr[:, 256 - 50 : 256 + 50] = 255  # a vertical white band in the middle
     out = load_image(image_bytes(Image.fromarray(arr), "PNG"), CARD)
     assert out[:, 112].mean() > 250 and out[:, 5].mean() < 5
+
+
+def gradient16() -> np.ndarray:
+    return np.tile(np.linspace(0, 65535, 300).astype(np.uint16), (300, 1))  # dark to light, left to right
+
+
+@pytest.mark.parametrize("fmt,mode", [("PNG", "I;16"), ("TIFF", "I;16"), ("TIFF", "I;16B"), ("TIFF", "I"), ("PPM", "I;16")])
+def test_16_bit_greyscale_is_rescaled_not_clipped_to_white(fmt, mode):
+    arr = gradient16()
+    if mode == "I;16B":
+        img = Image.frombytes(mode, arr.shape[::-1], arr.astype(">u2").tobytes())
+    else:
+        img = Image.fromarray(arr.astype(np.int32) if mode == "I" else arr)
+    data = image_bytes(img, fmt)
+    assert Image.open(io.BytesIO(data)).mode in ("I;16", "I;16B", "I")  # really decoded as high bit depth
+    out = load_image(data, CARD)
+    assert out.dtype == np.uint8 and abs(out.mean() - 127.5) < 3  # clipped, it was ~254
+    eight_bit = load_image(image_bytes(Image.fromarray((arr >> 8).astype(np.uint8)), "PNG"), CARD)
+    assert np.abs(out.astype(int) - eight_bit).max() <= 1  # the top byte: as if saved at 8 bits
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "P", "I"])
+def test_8_bit_images_decode_as_before_the_bit_depth_rescale(mode):
+    from tasks.preprocess import resize_center_crop, to_8bit
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)).convert(mode if mode != "I" else "L")
+    img = img.convert("I") if mode == "I" else img  # "I" holding 0..255: already 8-bit values
+    assert to_8bit(img) is img
+    data = image_bytes(img, "TIFF" if mode == "I" else "PNG")
+    before = Image.open(io.BytesIO(data))  # the loader before 16-bit support: a plain convert("RGB")
+    before = before.convert("RGBA").convert("RGB") if before.mode == "P" else before.convert("RGB")
+    expected = np.asarray(resize_center_crop(before, CARD.resize_size, CARD.input_size, CARD.interpolation))
+    assert np.array_equal(load_image(data, CARD), expected)
