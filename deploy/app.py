@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -33,9 +34,21 @@ from deploy.codec import (
     v2_datatype_of_ort,
 )
 from deploy.errors import ServeError, bad
-from deploy.images import decode_images
+from deploy.images import budgeted, decode_full, decode_images, decode_images_sized
 from deploy.limits import LimitsAndMetrics
 from deploy.metrics import Metrics
+from deploy.predict import (
+    TaskInfo,
+    boxes_png,
+    classifications,
+    detections,
+    fill_output_shapes,
+    mask_overlay_png,
+    parse_format,
+    parse_threshold,
+    segmentation,
+    task_info,
+)
 from deploy.settings import Settings
 from tasks.preprocess import PreprocessingCard
 from tasks.runtime import open_session
@@ -54,6 +67,8 @@ class Model:
     input_shape: list[int]  # [-1, H, W, 3]
     outputs: list[dict]  # [{"name", "datatype", "shape"}]
     metadata: dict[str, str] = field(default_factory=dict)
+    # the task (metadata `task`) and what /v1/predict needs to know of it
+    info: TaskInfo = field(default_factory=lambda: TaskInfo("classification", ()))
 
     @classmethod
     def load(cls, path: str, name: str, device: str, threads: int, spinning: bool = False) -> Model:
@@ -79,11 +94,9 @@ class Model:
             shape[1:3] = list(card.input_size)
         outs = [{"name": o.name, "datatype": v2_datatype_of_ort(o.type),
                  "shape": [-1] + [int(d) if isinstance(d, int) else -1 for d in o.shape[1:]]} for o in session.get_outputs()]
-        if labels:
-            for o in outs:
-                if len(o["shape"]) == 2 and o["shape"][1] == -1:
-                    o["shape"][1] = len(labels)
-        return cls(session, provider, name, labels, card, inp[0].name, shape, outs, meta)
+        info = task_info(meta, labels, [o["name"] for o in outs], getattr(card, "resize_mode", "center_crop"))
+        fill_output_shapes(info, outs, shape[1:3])
+        return cls(session, provider, name, labels, card, inp[0].name, shape, outs, meta, info)
 
     def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         results = self.session.run(None, {self.input_name: pixels})
@@ -116,8 +129,8 @@ class Service:
             model.run(np.zeros((1, h, w, 3), np.uint8))  # warm-up: first run allocates
             self.model = model
             self.batcher = Batcher(model.run, s.max_batch_size, s.max_wait_ms, s.batching, self.metrics.observe_batch)
-            log.info("model %s loaded from %s in %.2fs on %s; labels %s; input %s %s; batching %s (max %d, wait %.1f ms)",
-                     s.model_name, s.model_path, time.perf_counter() - t0, model.provider, model.labels,
+            log.info("%s model %s loaded from %s in %.2fs on %s; labels %s; input %s %s; batching %s (max %d, wait %.1f ms)",
+                     model.info.task, s.model_name, s.model_path, time.perf_counter() - t0, model.provider, model.labels,
                      model.input_name, model.input_shape, "on" if s.batching else "off", s.max_batch_size, s.max_wait_ms)
             self.ready.set()
             self.metrics.ready.set(1)
@@ -148,7 +161,8 @@ class Service:
         return {"name": m.name, "versions": ["1"], "platform": "onnxruntime_onnx",
                 "inputs": [{"name": m.input_name, "datatype": "UINT8", "shape": m.input_shape}],
                 "outputs": m.outputs,
-                "parameters": {"labels": m.labels, "provider": m.provider, "preprocessing": m.card.preprocessing_dict(),
+                "parameters": {**m.info.parameters(),
+                               "labels": m.labels, "provider": m.provider, "preprocessing": m.card.preprocessing_dict(),
                                "max_batch_size": self.settings.max_batch_size,
                                "accepts": [f"{m.input_name}: UINT8 {m.input_shape}",
                                            f"{m.input_name}: BYTES [-1] encoded images"]}}
@@ -156,6 +170,16 @@ class Service:
     async def decode(self, m: Model, items: list[tuple[str, bytes]]) -> np.ndarray:
         s = self.settings
         return await decode_images(items, m.card, s.max_image_pixels, self.decode_budget, s.queue_timeout_s)
+
+    async def decode_sized(self, m: Model, items: list[tuple[str, bytes]]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        s = self.settings
+        return await decode_images_sized(items, m.card, s.max_image_pixels, self.decode_budget, s.queue_timeout_s)
+
+    async def full_size(self, size: tuple[int, int], per_pixel: float, fn, *args):
+        """fn(*args) in a thread that works on an original-size image: it holds `per_pixel` x its pixels from
+        the decode budget (1 = what decoding it takes)."""
+        return await budgeted(self.decode_budget, math.ceil(size[0] * size[1] * per_pixel),
+                              self.settings.queue_timeout_s, fn, *args)
 
 
 def create_app(settings: Settings):
@@ -239,10 +263,46 @@ def create_app(settings: Settings):
         return Response(content=content, headers=headers, media_type=None)
 
     @app.post("/v1/predict")
-    async def predict(request: Request, top_k: int = 5):
+    async def predict(request: Request, top_k: int = 5, threshold: str | None = None, format: str | None = None):
         m = service.check_model(settings.model_name, None)
         if top_k < 1:
             raise bad(f"top_k must be >= 1, got {top_k}")
+        fmt, thr = parse_format(format, m.info), parse_threshold(threshold, m.info)  # bad ones fail before any work
+        blobs = await read_files(request)
+        if fmt == "overlay" and len(blobs) != 1:
+            raise bad(f"format=overlay answers one image (a PNG) per request, got {len(blobs)} images: "
+                      "send them one at a time, or use format=json")
+        items = [(f"file '{fn}'", b) for fn, b in blobs]
+        names = [fn for fn, _ in blobs]
+        task = m.info.task
+        if task == "classification":
+            out = await service.batcher.infer(await service.decode(m, items))
+            return {"model_name": m.name, "predictions": classifications(m.info, names, out, top_k)}
+        pixels, sizes = await service.decode_sized(m, items)
+        out = await service.batcher.infer(pixels)
+        del pixels
+        input_hw = (m.input_shape[1], m.input_shape[2])
+        dets = [detections(m.info, out["boxes"][j], out["scores"][j], out["labels"][j], sizes[j], input_hw, thr)
+                for j in range(len(blobs))] if task == "detection" else []
+        if fmt == "overlay":  # the one image decoded again at full size and drawn on: ~2 decodes' worth of memory
+            def draw():
+                img = decode_full(blobs[0][1], items[0][0])
+                if task == "detection":
+                    return boxes_png(m.info, img, dets[0], sizes[0])
+                return mask_overlay_png(m.info, img, out["mask"][0])
+
+            return Response(content=await service.full_size(sizes[0], 2, draw), media_type="image/png")
+        if task == "detection":
+            results = [{"filename": fn, "width": w, "height": h, "detections": d} for fn, (w, h), d in zip(names, sizes, dets)]
+        else:
+            results = []
+            for fn, (w, h), mask in zip(names, sizes, out["mask"]):  # a full-size mask: 1 byte a pixel, then a PNG
+                seg = await service.full_size((w, h), 0.5, segmentation, m.info, mask, (w, h))
+                results.append({"filename": fn, "width": w, "height": h, **seg})
+        return {"model_name": m.name, "task": task, "predictions": results}
+
+    async def read_files(request: Request) -> list[tuple[str, bytes]]:
+        """[(filename, bytes)] of the multipart body's file fields, at least one, at most MAX_BATCH_SIZE."""
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise bad(f"expected multipart/form-data with one or more image files, got content-type {ctype!r}")
@@ -256,21 +316,9 @@ def create_app(settings: Settings):
                 raise bad("no image files in the multipart body (send them as file fields, e.g. -F file=@cat.jpg)")
             if len(files) > settings.max_batch_size:
                 raise bad(f"{len(files)} images in one request, over the limit of {settings.max_batch_size} (MAX_BATCH_SIZE)")
-            blobs = [(v.filename or k, await v.read()) for k, v in files]
+            return [(v.filename or k, await v.read()) for k, v in files]
         finally:
             await form.close()
-        pixels = await service.decode(m, [(f"file '{fn}'", b) for fn, b in blobs])
-        out = await service.batcher.infer(pixels)
-        probs = out.get("probabilities")
-        if probs is None:
-            probs = next(iter(out.values()))
-        k = min(top_k, probs.shape[1])
-        results = []
-        for (fn, _), p in zip(blobs, probs):
-            idx = np.argsort(-p, kind="stable")[:k]
-            label = lambda i: m.labels[i] if i < len(m.labels) else str(i)
-            results.append({"filename": fn, "top_k": [{"label": label(int(i)), "index": int(i), "probability": float(p[i])} for i in idx]})
-        return {"model_name": m.name, "predictions": results}
 
     @app.api_route("/metrics", methods=get)
     async def metrics():

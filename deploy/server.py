@@ -19,12 +19,18 @@ Endpoints
                         same load_image that training used. In JSON, BYTES elements are base64 strings.
         JSON `data` flat or nested; or the binary tensor extension (Inference-Header-Content-Length)
         for inputs, and for outputs when asked (`binary_data` per output, `binary_data_output` per request).
-  POST /v1/predict?top_k=5               multipart image file(s) (any field name) -> top-k labels, JSON
+  POST /v1/predict                       multipart image file(s) (any field name); the answer follows the model's
+                                         metadata `task` (deploy/predict.py):
+        classification  ?top_k=5          -> top-k labels (+ ood_score, in_distribution with an OOD score), JSON
+        detection       ?threshold=0..1   -> per image its boxes in the original image's pixels, JSON
+        segmentation                      -> per image a mask PNG at the original size + class fractions, JSON
+        detection, segmentation ?format=overlay (one image) -> that image with its boxes / mask drawn, image/png
   GET  /metrics                          Prometheus text format
 
 Where things are: deploy/codec.py (the protocol on the wire), deploy/batcher.py (dynamic batching),
 deploy/images.py (decoding within the pixel budget), deploy/limits.py (timeouts, connection cap, body
-budget, log flood filter), deploy/app.py (model, routes), deploy/settings.py; this module starts uvicorn.
+budget, log flood filter), deploy/predict.py (/v1/predict's answer per task), deploy/app.py (model, routes),
+deploy/settings.py; this module starts uvicorn.
 
 Bad input is a 4xx with {"error": "..."}: body over MAX_BODY_BYTES or image over MAX_IMAGE_PIXELS -> 413,
 undecodable image / wrong name, shape, datatype / too many images -> 400, request not received within
