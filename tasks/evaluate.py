@@ -24,6 +24,7 @@ from tasks.config import EvaluateParams, Params
 from tasks.files import atomic_files, atomic_path, write_json, write_text
 from tasks.layout import ArtifactError, Dataset, Layout, Progress
 from tasks.model import autocast, load_classifier, load_head, pick_device
+from tasks.ood import ood_metrics
 from tasks.preprocess import decoded_batches
 
 @dataclass(frozen=True)
@@ -220,7 +221,8 @@ def run(params: Params, layout: Layout, progress: Progress | None = None) -> Eva
                    **{f"{k}_ci95": [round(v, 4) for v in lo_hi] for k, lo_hi in ci.items()},
                    "eval_split": split, "num_classes": len(dataset.classes), "skipped_images": skipped,
                    "model_selected_on": meta.get("selection"), "solver": meta.get("solver"),
-                   "l2": meta.get("l2"), "best_epoch": meta.get("best_epoch")}
+                   "l2": meta.get("l2"), "best_epoch": meta.get("best_epoch"),
+                   **({} if meta.get("backbone_trained") else ood_metrics(layout, split))}
 
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")

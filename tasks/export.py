@@ -1,6 +1,7 @@
 """Stage `export`: the trained classifier -> export/model.onnx, proven equal to PyTorch before it lands.
 
-  model.onnx           uint8 [N, H, W, 3] RGB "images" -> "probabilities" [N, C] (softmax) and "logits" [N, C].
+  model.onnx           uint8 [N, H, W, 3] RGB "images" -> "probabilities" [N, C] (softmax) and "logits" [N, C],
+                       and "ood_score" [N] (tasks/ood.py; above metadata "ood_threshold" = out of distribution).
                        Scaling and mean/std normalisation are inside the graph; resize + centre crop are
                        not (tasks.preprocess.load_image does them, in training, evaluation and serving alike).
                        metadata_props: labels, preprocessing, backbone, dataset_sha256, metrics, params, created...
@@ -37,9 +38,11 @@ from tasks.config import ExportParams, Params, UserError
 from tasks.files import atomic_dir, atomic_path, write_json, write_text
 from tasks.layout import Dataset, Layout, Progress
 from tasks.model import Classifier, load_classifier, with_static_padding
+from tasks.ood import MahalanobisScore, load_ood
 from tasks.preprocess import PreprocessingCard, decoded_batches
 from tasks.runtime import open_session
 INPUT, OUTPUTS = "images", ("probabilities", "logits")
+OOD_OUTPUT = "ood_score"
 
 
 class ExportError(UserError):
@@ -56,26 +59,41 @@ class ExportResult:
 
 
 class ExportModel(nn.Module):
-    """What the ONNX graph computes: uint8 pixels -> (softmax probabilities, logits)."""
+    """What the ONNX graph computes: uint8 pixels -> (softmax probabilities, logits[, ood_score]).
 
-    def __init__(self, classifier: Classifier):
+    With an OOD scorer (tasks/ood.py) a third output, `ood_score` [N], is the Mahalanobis distance
+    of the image's standardised features to the nearest class mean (above `ood_threshold` in the
+    metadata: out of distribution).
+    """
+
+    def __init__(self, classifier: Classifier, ood: MahalanobisScore | None = None):
         super().__init__()
         self.classifier = classifier
+        self.ood = ood
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.classifier(images)
-        return logits.softmax(dim=-1), logits
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feats = self.classifier.features(images)
+        logits = self.classifier.head(feats)
+        if self.ood is None:
+            return logits.softmax(dim=-1), logits
+        return logits.softmax(dim=-1), logits, self.ood(self.classifier.head[0](feats))
 
 
-def export_onnx(classifier: Classifier, card: PreprocessingCard, path: Path, opset: int = 17) -> None:
+def output_names(ood: MahalanobisScore | None) -> list[str]:
+    return [*OUTPUTS, OOD_OUTPUT] if ood is not None else list(OUTPUTS)
+
+
+def export_onnx(classifier: Classifier, card: PreprocessingCard, path: Path, opset: int = 17,
+                ood: MahalanobisScore | None = None) -> None:
     h, w = card.input_size
     dummy = torch.zeros(2, h, w, 3, dtype=torch.uint8)
-    model = ExportModel(with_static_padding(classifier, dummy)).eval()
+    model = ExportModel(with_static_padding(classifier, dummy), ood).eval()
+    names = output_names(ood)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and constant-folding notes
         torch.onnx.export(
-            model, (dummy,), str(path), input_names=[INPUT], output_names=list(OUTPUTS),
-            dynamic_axes={INPUT: {0: "batch"}, OUTPUTS[0]: {0: "batch"}, OUTPUTS[1]: {0: "batch"}},
+            model, (dummy,), str(path), input_names=[INPUT], output_names=names,
+            dynamic_axes={INPUT: {0: "batch"}, **{name: {0: "batch"} for name in names}},
             opset_version=opset, dynamo=False,
         )
 
@@ -111,17 +129,26 @@ def eval_batches(dataset: Dataset, split: str, card: PreprocessingCard, batch_si
         start += len(batch)
 
 
-def check_parity(onnx_path: Path, classifier: Classifier, batches, tolerance: float) -> dict:
+def check_parity(onnx_path: Path, classifier: Classifier, batches, tolerance: float,
+                 ood: MahalanobisScore | None = None) -> dict:
     """onnxruntime (CPU) vs the PyTorch classifier, image by image.
 
     Argmax disagreements count unless PyTorch's own top two are within `tolerance` (a tie).
+    With an OOD scorer, `ood_score` must agree too, relatively (it is a distance, tens to
+    thousands): |s_onnx - s_torch| <= tolerance * max(1, s_torch).
     """
     session, _ = open_session(onnx_path, device="cpu")
     max_diff, n, agree, ties, right_onnx, right_torch = 0.0, 0, 0, 0, 0, 0
+    ood_diff = 0.0
     for pixels, labels in batches:
-        p_onnx = session.run([OUTPUTS[0]], {INPUT: pixels})[0]
+        out = session.run(output_names(ood), {INPUT: pixels})
+        p_onnx = out[0]
         with torch.inference_mode():
-            p_torch = classifier(torch.from_numpy(pixels)).softmax(-1).numpy()
+            feats = classifier.features(torch.from_numpy(pixels))
+            p_torch = classifier.head(feats).softmax(-1).numpy()
+            if ood is not None:
+                s_torch = ood(classifier.head[0](feats)).numpy()
+                ood_diff = max(ood_diff, float((np.abs(out[2] - s_torch) / np.maximum(1.0, s_torch)).max()))
         max_diff = max(max_diff, float(np.abs(p_onnx - p_torch).max()))
         a_onnx, a_torch = p_onnx.argmax(1), p_torch.argmax(1)
         top2 = np.sort(p_torch, axis=1)[:, -2:] if p_torch.shape[1] > 1 else np.zeros((len(p_torch), 2))
@@ -131,9 +158,11 @@ def check_parity(onnx_path: Path, classifier: Classifier, batches, tolerance: fl
         right_onnx += int((a_onnx == labels).sum())
         right_torch += int((a_torch == labels).sum())
         n += len(labels)
+    ood_ok = ood is None or ood_diff <= tolerance
     return {"n": n, "max_abs_prob_diff": max_diff, "argmax_agreement": agree / max(n, 1), "ties": ties,
             "onnx_accuracy": right_onnx / max(n, 1), "torch_accuracy": right_torch / max(n, 1),
-            "tolerance": tolerance, "passed": agree == n and max_diff <= tolerance}
+            **({"ood_max_rel_diff": ood_diff} if ood is not None else {}),
+            "tolerance": tolerance, "passed": agree == n and max_diff <= tolerance and ood_ok}
 
 
 # ---------------------------------------------------------------- INT8
@@ -225,8 +254,11 @@ def try_int8(fp32_path: Path, out_path: Path, dataset: Dataset, split: str, card
 # ---------------------------------------------------------------- Triton
 
 
-def triton_config(name: str, card: PreprocessingCard, num_classes: int, max_batch_size: int) -> str:
+def triton_config(name: str, card: PreprocessingCard, num_classes: int, max_batch_size: int, ood: bool = False) -> str:
     h, w = card.input_size
+    # ood_score is [N]: Triton batches a dims [ 1 ] tensor, reshaped to the model's batch-only shape.
+    ood_output = (f',\n  {{\n    name: "{OOD_OUTPUT}"\n    data_type: TYPE_FP32\n    dims: [ 1 ]\n'
+                  '    reshape: { shape: [ ] }\n  }') if ood else ""
     preferred = sorted({b for b in (4, 8, 16, 32, 64) if b <= max_batch_size} | {max_batch_size})
     return f"""# Triton Inference Server model configuration (written by tlcv's export stage).
 # Input: uint8 RGB pixels, already resized to {card.resize_size} (shorter side, {card.interpolation}) and
@@ -252,7 +284,7 @@ output [
     name: "{OUTPUTS[1]}"
     data_type: TYPE_FP32
     dims: [ {num_classes} ]
-  }}
+  }}{ood_output}
 ]
 dynamic_batching {{
   preferred_batch_size: [ {", ".join(str(b) for b in preferred)} ]
@@ -269,13 +301,13 @@ version_policy: {{ latest: {{ num_versions: 1 }} }}
 
 
 def write_triton_repo(model_path: Path, out_dir: Path, name: str, card: PreprocessingCard, labels: list[str],
-                      max_batch_size: int) -> Path:
+                      max_batch_size: int, ood: bool = False) -> Path:
     model_dir = out_dir / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     with atomic_path(model_dir / "1" / "model.onnx") as tmp:
         shutil.copyfile(model_path, tmp)
     write_text(model_dir / "labels.txt", "\n".join(labels) + "\n")
-    write_text(model_dir / "config.pbtxt", triton_config(name, card, len(labels), max_batch_size))
+    write_text(model_dir / "config.pbtxt", triton_config(name, card, len(labels), max_batch_size, ood))
     return model_dir
 
 
@@ -302,8 +334,11 @@ def run(params: Params, layout: Layout, progress: Progress | None = None) -> Exp
 
     with atomic_dir(layout.export) as out:
         model_path = out / layout.model_onnx.name
-        export_onnx(classifier, card, model_path, p.opset)
-        parity = check_parity(model_path, classifier, eval_batches(dataset, split, card, bs, workers), p.parity_tolerance)
+        ood = load_ood(layout.classifier)
+        scorer, ood_threshold = ood if ood is not None else (None, None)
+        export_onnx(classifier, card, model_path, p.opset, scorer)
+        parity = check_parity(model_path, classifier, eval_batches(dataset, split, card, bs, workers), p.parity_tolerance,
+                              scorer)
         parity["split"] = split
         if not parity["passed"]:
             write_json(layout.parity, parity)
@@ -317,6 +352,7 @@ def run(params: Params, layout: Layout, progress: Progress | None = None) -> Exp
                                          f"{card.input_size[1]}, 3] RGB after tasks.preprocess.load_image"}),
             "backbone": json.dumps({"arch": card.arch, "source": card.source, "weights_sha256": card.weights_sha256}),
             "dataset_sha256": dataset.manifest_sha256,
+            **({"ood_threshold": repr(ood_threshold), "ood": json.dumps(meta.get("ood", {}))} if scorer is not None else {}),
             "metrics": json.dumps({**metrics, "onnx_accuracy": parity["onnx_accuracy"],
                                    "torch_accuracy": parity["torch_accuracy"], "split": split}),
             "params": json.dumps(meta.get("train", {})),
@@ -328,7 +364,8 @@ def run(params: Params, layout: Layout, progress: Progress | None = None) -> Exp
         if p.quantize == "int8":
             int8 = try_int8(model_path, out / "model.int8.onnx", dataset, split, card, p, bs, workers,
                             parity["onnx_accuracy"])
-        write_triton_repo(model_path, out / "triton", p.triton_model_name, card, labels, p.triton_max_batch_size)
+        write_triton_repo(model_path, out / "triton", p.triton_model_name, card, labels, p.triton_max_batch_size,
+                          scorer is not None)
         write_json(layout.parity, {**parity, **({"int8": int8} if int8 is not None else {})})
     return ExportResult(layout.model_onnx, parity, int8, layout.export / "triton" / p.triton_model_name,
                         time.perf_counter() - t0)

@@ -40,6 +40,7 @@ from tasks.model import (
     Classifier, FeatureExtractor, autocast, build_head, freeze, load_feature_extractor, pick_device,
     unfreeze_last_blocks,
 )
+from tasks.ood import fit_ood
 from tasks.preprocess import PreprocessingCard, decode_rgb
 
 
@@ -331,7 +332,7 @@ def evaluate_images(model: nn.Module, loader, device: torch.device) -> float:
 
 
 def save_classifier(model: Classifier, card: PreprocessingCard, classes: list[str], params: Params,
-                    extra: dict, out_dir: Path) -> Path:
+                    extra: dict, out_dir: Path, ood: dict | None = None) -> Path:
     """classifier.pt loads with torch.load(weights_only=True): tensors and plain data only."""
     from safetensors.torch import save_file
 
@@ -340,7 +341,8 @@ def save_classifier(model: Classifier, card: PreprocessingCard, classes: list[st
             "head": {"kind": params.train.head, "hidden_dim": params.train.hidden_dim, "dropout": params.train.dropout,
                      "feature_power": params.train.feature_power}}
     with atomic_files(out_dir) as tmp:
-        torch.save({"state_dict": state, "meta": json.loads(json.dumps(meta))}, tmp / "classifier.pt")
+        torch.save({"state_dict": state, "meta": json.loads(json.dumps(meta)), **({"ood": ood} if ood else {})},
+                   tmp / "classifier.pt")
         save_file(state, str(tmp / "classifier.safetensors"), metadata={"meta": json.dumps(meta)})
         torch.save({k[5:]: v for k, v in state.items() if k.startswith("head.")}, tmp / "head.pt")
         write_json(tmp / "labels.json", classes)
@@ -367,14 +369,16 @@ def run(params: Params, layout: Layout, progress: Progress | None = None) -> Tra
     card = extractor.card
     if p.augment or p.unfreeze_blocks:
         model, history, summary = train_through_backbone(params, dataset, extractor, progress)
+        ood = None  # the OOD statistics are fit on cached features; a trained backbone has none
     else:
         feats = layout.feature_cache().load()
         if len(feats["x_train"]) != len(dataset.split("train")):
             raise ArtifactError(f"{layout.features} does not match {layout.prepared}: re-run the features stage")
         head, history, summary = train_on_features(params, dataset, feats, progress)
         model = Classifier(extractor, head)
+        ood, summary["ood"] = fit_ood(head[0], feats, dataset, p.holdout_fraction, p.seed)
     extra = {**summary, "backbone_trained": bool(p.unfreeze_blocks), "manifest_sha256": dataset.manifest_sha256}
-    path = save_classifier(model, card, dataset.classes, params, extra, layout.models)
+    path = save_classifier(model, card, dataset.classes, params, extra, layout.models, ood)
     write_history(history, layout.reports / "train_history.csv")
     seconds = time.perf_counter() - t0
     write_json(layout.reports / "train.json", {**{k: v for k, v in extra.items() if k != "manifest_sha256"},

@@ -48,11 +48,11 @@ def test_dynamic_batch_and_the_same_answers_as_pytorch(exported):
     session, provider = open_session(r.model_path, device="cpu")
     inp = session.get_inputs()[0]
     assert inp.name == "images" and inp.type == "tensor(uint8)" and inp.shape[1:] == [224, 224, 3]
-    assert [o.name for o in session.get_outputs()] == ["probabilities", "logits"]
+    assert [o.name for o in session.get_outputs()] == ["probabilities", "logits", "ood_score"]
     with torch.no_grad():
         expected = model(torch.from_numpy(pixels)).softmax(-1).numpy()
     for n in (1, 7):
-        probs, logits = session.run(None, {"images": pixels[:n]})
+        probs, logits = session.run(["probabilities", "logits"], {"images": pixels[:n]})
         assert probs.shape == (n, 3) and logits.shape == (n, 3)
         assert np.abs(probs - expected[:n]).max() < 1e-4
         assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
@@ -82,11 +82,11 @@ def test_a_tampered_head_fails_the_gate_and_nothing_is_written(exported, monkeyp
 
     real = ex.export_onnx
 
-    def tampered(classifier, card, path, opset=17):
+    def tampered(classifier, card, path, opset=17, ood=None):
         evil = __import__("copy").deepcopy(classifier)
         with torch.no_grad():
             evil.head[-1].weight.add_(0.5 * torch.randn_like(evil.head[-1].weight))
-        real(evil, card, path, opset)
+        real(evil, card, path, opset, ood)
 
     monkeypatch.setattr(ex, "export_onnx", tampered)
     with pytest.raises(ExportError, match="parity gate failed"):
@@ -135,7 +135,7 @@ def test_triton_repository_matches_the_onnx_graph(exported):
         for t, v in zip(cfg[kind], values):
             shape = v.type.tensor_type.shape.dim
             assert shape[0].dim_param  # dynamic batch in the graph, left out of Triton's dims
-            assert t["dims"] == [d.dim_value for d in shape[1:]]
+            assert t["dims"] == ([d.dim_value for d in shape[1:]] or [1])  # [N] (ood_score): dims [1], reshaped to []
             assert t["data_type"] == onnx_dtype[v.type.tensor_type.elem_type]
     assert cfg["output"][0]["label_filename"] == "labels.txt"
     assert (repo / "labels.txt").read_text().split() == ["circles", "squares", "stripes"]

@@ -141,7 +141,7 @@ def reference(model, names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarr
     """(pixels, probabilities, logits) from onnxruntime in this process, preprocessed by tasks.preprocess."""
     _, files, card, _, session = model
     pixels = np.stack([load_image(files[n], card) for n in names])
-    probs, logits = session.run(None, {"images": pixels})
+    probs, logits = session.run(["probabilities", "logits"], {"images": pixels})
     return pixels, probs, logits
 
 
@@ -158,7 +158,8 @@ def test_health_and_metadata_through_tritonclient(server, model):
     assert meta["name"] == MODEL_NAME and meta["platform"] == "onnxruntime_onnx" and "1" in meta["versions"]
     assert meta["inputs"] == [{"name": "images", "datatype": "UINT8", "shape": [-1, 224, 224, 3]}]
     assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 3]},
-                               {"name": "logits", "datatype": "FP32", "shape": [-1, 3]}]
+                               {"name": "logits", "datatype": "FP32", "shape": [-1, 3]},
+                               {"name": "ood_score", "datatype": "FP32", "shape": [-1]}]
     assert meta["parameters"]["labels"] == model[3] == ["circles", "squares", "stripes"]
     assert c.get_model_metadata(MODEL_NAME, model_version="1")["name"] == MODEL_NAME
 
@@ -225,6 +226,15 @@ def test_v1_predict_multipart_top_k(server, model):
     # the tiny model learned something: most training-style images get their own class first
     right = sum(p["top_k"][0]["label"] == n.split("_")[0] for p, n in zip(preds, NAMES) if n != "big.jpg")
     assert right >= 3
+    # and says whether each image is like its training data (ood_score vs the model's ood_threshold)
+    _, _, _, _, session = model
+    threshold = float(session.get_modelmeta().custom_metadata_map["ood_threshold"])
+    scores = session.run(["ood_score"], {"images": reference(model, NAMES)[0]})[0]
+    np.testing.assert_allclose([p["ood_score"] for p in preds], scores, rtol=1e-5)
+    assert [p["in_distribution"] for p in preds] == [bool(s <= threshold) for s in scores]
+    noise = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)), "PNG")
+    r = httpx.post(f"{server.url}/v1/predict", files=[("files", ("noise.png", noise, "image/png"))], timeout=30)
+    assert r.status_code == 200 and r.json()["predictions"][0]["in_distribution"] is False
 
 
 # ----------------------------------------------------------------------------------------------- bad input
