@@ -41,6 +41,10 @@ class PreprocessingCard:
     source: str = ""  # where the weights came from
     weights_sha256: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # center_crop: shorter side to resize_size, centre crop (classification, as the weights were trained);
+    # stretch: plain resize to input_size (detection, segmentation: every pixel kept, and a box or mask
+    # maps back to the original image exactly by the two scale factors).
+    resize_mode: str = "center_crop"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,7 +59,7 @@ class PreprocessingCard:
 
     def preprocessing_dict(self) -> dict[str, Any]:
         """Only the fields that change pixels (the feature cache key uses these)."""
-        return {k: self.to_dict()[k] for k in ("input_size", "resize_size", "interpolation", "mean", "std")}
+        return {k: self.to_dict()[k] for k in ("input_size", "resize_size", "interpolation", "mean", "std", "resize_mode")}
 
 
 def open_image(source: str | Path | bytes) -> Image.Image:
@@ -127,6 +131,12 @@ def resize_center_crop(img: Image.Image, resize_size: int, crop: tuple[int, int]
 
 def load_image(source: str | Path | bytes | Image.Image, card: PreprocessingCard) -> np.ndarray:
     """Any image -> uint8 array [H, W, 3] at the card's input size: what the model's graph takes."""
+    if card.resize_mode == "stretch":
+        h, w = card.input_size
+        img = decode_rgb(source, min(h, w))
+        if img.size != (w, h):
+            img = img.resize((w, h), INTERPOLATIONS[card.interpolation])
+        return np.asarray(img, dtype=np.uint8)
     img = decode_rgb(source, card.resize_size)
     img = resize_center_crop(img, card.resize_size, card.input_size, card.interpolation)
     return np.asarray(img, dtype=np.uint8)
