@@ -208,6 +208,11 @@ def transfer_learning(params: Params | None = None, overrides: dict[str, Any] | 
                                                                                   if not isinstance(v, dict)}}.items()],
         description=f"evaluation on the {metrics['eval_split']} split",
     )
+    chosen = layout.read_json(layout.select_report, {})
+    if chosen.get("candidates"):  # backbone.name: auto (or python -m tasks.select --probe) probed the candidates
+        keys = ("name", "probe_acc", "probe_std", "logme", "latency_ms_b1", "throughput_b32", "gflops", "params_m")
+        create_table_artifact(key="select", table=[{k: c[k] for k in keys} for c in chosen["candidates"]],
+                              description=f"backbone candidates; chosen {chosen['choice']['name']}: {chosen['choice']['reason']}")
     create_markdown_artifact(
         key="model-card", markdown=model_card(params, metrics, parity, read_json(layout.prepared / "dataset.json"),
                                               read_json(layout.card_json)),

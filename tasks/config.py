@@ -84,11 +84,30 @@ class DataParams(Section):
 class BackboneParams(Section):
     name: str = "efficientnet_lite0"
     """efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2 (bundled, offline) | resnet50 | resnet18 |
-    mobilenet_v3_large | efficientnet_b0 | timm:<name> | file:<path>"""
+    mobilenet_v3_large | efficientnet_b0 | timm:<name> | file:<path> | auto (the select stage chooses)"""
     arch: str | None = None
     """Architecture of a `file:` state dict: a timm model name (e.g. resnet18) or torchvision:<name>."""
     url: str | None = None
     """Mirror for the weights file of a torchvision backbone (its file name must stay the same)."""
+
+
+class SelectParams(Section):
+    """The select stage: a cheap probe of candidate backbones on a subsample of train (run for backbone.name: auto)."""
+
+    candidates: Annotated[list[str], BeforeValidator(_listify), Field(min_length=1)] = [
+        "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    """Backbone names (as backbone.name); one whose weights cannot be had is skipped with the reason."""
+    max_images_per_class: int = Field(40, ge=2)
+    """Train images per class the probe looks at (a stratified, deterministic subsample)."""
+    max_fraction: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.15
+    """...and at most this share of all the dataset's images per candidate, so that the probe of three
+    candidates stays well under one features pass of the largest over the full data."""
+    max_latency_ms: Annotated[Float | None, Field(gt=0.0)] = None
+    """auto picks the most accurate candidate whose onnxruntime batch-1 latency here is within this; null = no budget."""
+    folds: int = Field(5, ge=2)
+    """Cross-validation folds of the probe (stratified)."""
+    repeats: int = Field(3, ge=1)
+    """The k-fold probe is repeated with this many fold assignments (its mean is then steadier)."""
 
 
 class FeaturesParams(Section):
@@ -169,6 +188,7 @@ class Params(Section):
     """auto: CUDA when available (autocast + channels_last), else CPU."""
     data: DataParams = DataParams()
     backbone: BackboneParams = BackboneParams()
+    select: SelectParams = SelectParams()
     features: FeaturesParams = FeaturesParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()

@@ -24,6 +24,7 @@ from tasks.config import EvaluateParams, Params
 from tasks.files import atomic_files, atomic_path, write_json, write_text
 from tasks.layout import ArtifactError, Dataset, Layout, Progress
 from tasks.model import autocast, load_classifier, load_head, pick_device
+from tasks.gap import gap_metrics
 from tasks.ood import ood_metrics
 from tasks.preprocess import decoded_batches
 
@@ -222,7 +223,7 @@ def run(params: Params, layout: Layout, progress: Progress | None = None) -> Eva
                    "eval_split": split, "num_classes": len(dataset.classes), "skipped_images": skipped,
                    "model_selected_on": meta.get("selection"), "solver": meta.get("solver"),
                    "l2": meta.get("l2"), "best_epoch": meta.get("best_epoch"),
-                   **({} if meta.get("backbone_trained") else ood_metrics(layout, split))}
+                   **({} if meta.get("backbone_trained") else ood_metrics(layout, split)), **gap_metrics(layout)}
 
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from tasks.cli import stage_main
 from tasks.config import Params
 from tasks.files import sha256_bytes
+from tasks.gap import write_gap
 from tasks.layout import Layout, Progress
 from tasks.preprocess import PreprocessingCard, decoded_batches
 
@@ -89,6 +90,7 @@ def run(params: Params, layout: Layout, progress: Progress | None = None, force:
     counts = {s: len(dataset.split(s)) for s in ("train", "val", "test") if dataset.has_split(s)}
     engine = choose_engine(params, layout)
     if not force and cache.valid_key() == key:
+        write_gap(layout, dataset, card, key, params.features.batch_size, params.features.decode_workers)
         return FeaturesResult(layout.features, key, True, engine, counts, time.perf_counter() - t0, 0.0)
 
     run_batch = onnx_runner(layout.features_onnx) if engine == "onnxruntime" else torch_runner(layout, params.device)
@@ -115,6 +117,8 @@ def run(params: Params, layout: Layout, progress: Progress | None = None, force:
     cache.save(key, arrays, {"engine": engine, "counts": counts, "feature_dim": card.feature_dim,
                              "manifest_sha256": dataset.manifest_sha256, "weights_sha256": card.weights_sha256,
                              "images_per_s": round(rate, 1)})
+    # After the swap (it replaces the directory): one torch pass over a subsample, kept while the key holds.
+    write_gap(layout, dataset, card, key, params.features.batch_size, params.features.decode_workers)
     return FeaturesResult(layout.features, key, False, engine, counts, time.perf_counter() - t0, rate)
 
 

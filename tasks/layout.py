@@ -205,6 +205,25 @@ class Layout:
     def export(self) -> Path:
         return self.root / "export"
 
+    @property
+    def select_dir(self) -> Path:
+        """The select stage's per-candidate caches: card, features.onnx, subsample features (a DVC out)."""
+        return self.root / "select"
+
+    @property
+    def select_report(self) -> Path:
+        """reports/select.json: every candidate's probe scores and cost, and the choice with its reason."""
+        return self.reports / "select.json"
+
+    @property
+    def select_plot(self) -> Path:
+        return self.reports / "select.png"
+
+    @property
+    def domain_gap(self) -> Path:
+        """features/gap.json: how far the train images sit from the backbone's source data (tasks/gap.py)."""
+        return self.features / "gap.json"
+
     # files
     @property
     def card_json(self) -> Path:
@@ -258,6 +277,14 @@ class Layout:
 
     def feature_cache(self) -> FeatureCache:
         return FeatureCache(self.features)
+
+    def selected_backbone(self) -> dict:
+        """The select stage's choice ({"name": ..., "reason": ...}) for `backbone.name: auto`."""
+        report = self.read_json(self.select_report, None)
+        if not isinstance(report, dict) or not isinstance(report.get("choice"), dict):
+            raise ArtifactError(f"backbone.name is auto but {self.select_report} holds no choice: "
+                                f"run the select stage first (dvc repro select)")
+        return report["choice"]
 
     def read_json(self, path: Path, default=None):
         """An optional JSON artifact (metrics, parity, reports): `default` when it is not there."""

@@ -29,6 +29,15 @@ def main(layout: Layout = Layout()) -> int:
         f"model     {models}/classifier.pt  (+ classifier.safetensors, head.pt, labels.json)",
         f"reports   {reports}/metrics.json, per_class.csv, confusion.png, calibration.png, mistakes.json",
     ]
+    selected = card.get("extra", {}).get("selected")
+    if selected:
+        lines.append(f"select    {selected['name']} chosen by the select stage: {selected['reason']} (reports/select.json)")
+    if "domain_gap" in m:
+        lines.append(f"gap       domain gap {m['domain_gap']:.3f} (BatchNorm statistics shift, features/gap.json): "
+                     f"{m['domain_gap_verdict']}")
+    if "ood_threshold" in m:
+        lines.append(f"ood       ood_score > {m['ood_threshold']:g} = unlike the training data; "
+                     f"{m['ood_flagged']:.1%} of {m['eval_split']} flagged (about 5% by design)")
     if layout.parity.exists():
         q = read_json(layout.parity)
         lines.append(f"onnx      export/model.onnx: onnxruntime accuracy {q['onnx_accuracy']:.4f} (PyTorch {q['torch_accuracy']:.4f}), "

@@ -27,7 +27,7 @@ def test_repro_produces_metrics_and_a_clean_status(repo):
     flat = json.dumps(shown)
     assert '"accuracy"' in flat and "reports/metrics.json" in flat
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "backbone", "features", "train", "evaluate", "export"}
+    assert set(lock["stages"]) == {"prepare", "select", "backbone", "features", "train", "evaluate", "export"}
     assert json.loads((repo / "reports" / "parity.json").read_text())["passed"]
 
 
@@ -72,9 +72,9 @@ def test_push_versions_data_and_checkpoints_in_the_local_remote(repo):
 
 
 @pytest.mark.parametrize("module, expected", [
-    ("tasks/runtime.py", {"features", "export"}),
+    ("tasks/runtime.py", {"select", "features", "export"}),
     ("tasks/train.py", {"train"}),
-    ("tasks/model.py", {"backbone", "features", "train", "evaluate", "export"}),
+    ("tasks/model.py", {"select", "backbone", "features", "train", "evaluate", "export"}),
 ])
 def test_editing_a_module_makes_exactly_its_dependants_stale(repo, module, expected):
     path = repo / module
