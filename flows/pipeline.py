@@ -164,26 +164,27 @@ def push_task() -> int:
 
 def model_card(params, metrics: dict, parity: dict, dataset: dict, card: dict) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in metrics.items())
-    return f"""# Model card: {params.backbone.name} + {params.train.head} head
+    head = f"{params.train.head} head" if params.task == "classification" else f"{params.task} head"
+    return f"""# Model card: {params.backbone.name} + {head}
 
 **Data**: `{dataset['dataset']}` ({len(dataset['classes'])} classes: {", ".join(dataset['classes'][:20])}{" ..." if len(dataset['classes']) > 20 else ""}),
 splits {dataset['counts']}, manifest sha256 `{dataset['manifest_sha256']}`, skipped files {dataset['skipped']}.
 
-**Backbone**: `{card['arch']}` from {card['source']} (weights sha256 `{card['weights_sha256'][:16]}...`), frozen, {card['feature_dim']}-d features;
+**Backbone**: `{card['arch']}` from {card['source']} (weights sha256 `{card['weights_sha256'][:16]}...`), frozen, {f"{card['feature_dim']}-d features" if card['feature_dim'] else "maps at strides 8/16/32"};
 input {card['input_size'][0]}x{card['input_size'][1]}, resize {card['resize_size']} ({card['interpolation']}), mean {card['mean']}, std {card['std']}.
 
 **Training**: solver {metrics.get('solver')}, chosen on {metrics.get('model_selected_on')}; params: `{json.dumps(dict(head=params.train.head, l2=params.train.l2, seed=params.train.seed))}`.
 
-**Evaluation** on the {metrics.get('eval_split')} split (onnxruntime accuracy {parity.get('onnx_accuracy', float('nan')):.4f}):
+**Evaluation** on the {metrics.get('eval_split')} split:
 
 | metric | value |
 |---|---|
 {rows}
 
-**Parity** (onnxruntime vs PyTorch, {parity.get('n')} images): argmax agreement {parity.get('argmax_agreement')}, max |dp| {parity.get('max_abs_prob_diff')}.
+**Parity** (onnxruntime vs PyTorch, {parity.get('n')} images): {", ".join(f"{k} {v}" for k, v in parity.items() if k not in ("n", "split") and not isinstance(v, dict))}.
 
 **Artifacts**: `export/model.onnx` (deployable), `export/triton/{params.export.triton_model_name}/` (Triton repository),
-`models/classifier.pt`, `reports/` — all versioned by DVC (`dvc.lock`) and pushed to the DVC remote.
+`models/model.pt`, `reports/` — all versioned by DVC (`dvc.lock`) and pushed to the DVC remote.
 """
 
 

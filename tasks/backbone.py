@@ -24,10 +24,11 @@ import torch
 from torch import nn
 
 from tasks.cli import stage_main
-from tasks.config import BackboneParams, Params, UserError
+from tasks.config import Params
+from tasks.dense import MAP_NAMES, STRIDES, DenseExtractor
 from tasks.files import atomic_dir, atomic_path, sha256_file, write_json
 from tasks.layout import Layout, Progress
-from tasks.model import FeatureExtractor, build_network, freeze, with_static_padding
+from tasks.model import FeatureExtractor, freeze, with_static_padding
 from tasks.pretrained import (  # noqa: F401 - the registry, re-exported
     BUNDLED, TORCHVISION_BACKBONES, BackboneError, bundled_weights, fetch, valid_names,
 )
@@ -43,16 +44,17 @@ class BackboneResult:
 # ---------------------------------------------------------------- ONNX
 
 
-def export_feature_onnx(extractor: FeatureExtractor, card: PreprocessingCard, path: Path) -> None:
-    """uint8 NHWC -> features, dynamic batch, one file. TorchScript exporter: seconds, not minutes."""
+def export_feature_onnx(extractor: nn.Module, card: PreprocessingCard, path: Path,
+                        outputs: tuple[str, ...] = ("features",)) -> None:
+    """uint8 NHWC -> features (or dense maps), dynamic batch, one file. TorchScript exporter: seconds, not minutes."""
     h, w = card.input_size
     dummy = torch.zeros(2, h, w, 3, dtype=torch.uint8)
     static = with_static_padding(extractor, dummy)
     with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and constant-folding notes
         torch.onnx.export(
-            static, (dummy,), str(tmp), input_names=["images"], output_names=["features"],
-            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, opset_version=17, dynamo=False,
+            static, (dummy,), str(tmp), input_names=["images"], output_names=list(outputs),
+            dynamic_axes={name: {0: "batch"} for name in ("images", *outputs)}, opset_version=17, dynamo=False,
         )
 
 
@@ -70,24 +72,37 @@ def run(params: Params, layout: Layout, progress: Progress | None = None, export
     if chosen:  # the choice and why travel with the card (card.json, the ONNX metadata, the model card)
         card_fields = {**card_fields, "extra": {**card_fields.get("extra", {}), "selected": chosen}}
     freeze(net)
+    dense = params.task != "classification"
+    if dense:  # a fixed input size, no crop: boxes and masks map back to the original image exactly
+        h, w = params.dense.input_size
+        card_fields = {**card_fields, "input_size": (h, w), "resize_size": min(h, w), "resize_mode": "stretch"}
     probe = PreprocessingCard(**{**card_fields, "feature_dim": 0})
-    extractor = FeatureExtractor(net, probe).eval()
     h, w = probe.input_size
-    with torch.no_grad():
-        feature_dim = int(extractor(torch.zeros(1, h, w, 3, dtype=torch.uint8)).shape[1])
+    if dense:
+        channels = DenseExtractor(net, probe).eval().channels()
+        card_fields = {**card_fields, "extra": {**card_fields.get("extra", {}), "channels": channels,
+                                                "strides": list(STRIDES)}}
+        feature_dim = 0
+    else:
+        with torch.no_grad():
+            feature_dim = int(FeatureExtractor(net, probe).eval()(torch.zeros(1, h, w, 3, dtype=torch.uint8)).shape[1])
     with atomic_dir(layout.backbone) as tmp:
         torch.save(net.state_dict(), tmp / layout.weights.name)
         card = PreprocessingCard(**{**card_fields, "feature_dim": feature_dim,
                                     "weights_sha256": sha256_file(tmp / layout.weights.name)})
         if export_onnx:
-            export_feature_onnx(FeatureExtractor(net, card).eval(), card, tmp / layout.features_onnx.name)
+            if dense:
+                export_feature_onnx(DenseExtractor(net, card).eval(), card, tmp / layout.features_onnx.name, MAP_NAMES)
+            else:
+                export_feature_onnx(FeatureExtractor(net, card).eval(), card, tmp / layout.features_onnx.name)
         write_json(tmp / layout.card_json.name, card.to_dict())
     return BackboneResult(layout.backbone, card, time.perf_counter() - t0)
 
 
 def describe(r: BackboneResult) -> str:
     c = r.card
-    return (f"backbone: {c.arch}, {c.feature_dim}-d features, input {c.input_size[0]}x{c.input_size[1]} "
+    what = f"{c.feature_dim}-d features" if c.feature_dim else f"maps at strides {c.extra['strides']}"
+    return (f"backbone: {c.arch}, {what}, input {c.input_size[0]}x{c.input_size[1]} "
             f"(resize {c.resize_size}, {c.interpolation}), {r.seconds:.1f}s -> {r.out_dir}")
 
 

@@ -54,9 +54,15 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
 
 
+DETECTION_DATASETS = ("voc", "coco")
+SEGMENTATION_DATASETS = ("masks", "voc_seg")
+
+
 class DataParams(Section):
-    dataset: Literal["digits", "imagefolder", "cifar10", "cifar100"] = "digits"
-    """digits (offline demo) | imagefolder | cifar10 | cifar100"""
+    dataset: Literal["digits", "imagefolder", "cifar10", "cifar100", "voc", "coco", "masks", "voc_seg"] = "digits"
+    """classification: digits (offline demo) | imagefolder | cifar10 | cifar100;
+    detection: voc (Annotations/, JPEGImages/, ImageSets/Main/) | coco (annotations/instances_<split>.json);
+    segmentation: masks (<split>/images + <split>/masks + labelmap.txt) | voc_seg (SegmentationClass/)"""
     root: str = "data/raw"
     """imagefolder: folder of class sub-folders, or of train/ val/ [test/] each holding class folders."""
     val_fraction: Fraction = 0.15
@@ -89,6 +95,65 @@ class BackboneParams(Section):
     """Architecture of a `file:` state dict: a timm model name (e.g. resnet18) or torchvision:<name>."""
     url: str | None = None
     """Mirror for the weights file of a torchvision backbone (its file name must stay the same)."""
+
+
+class DenseParams(Section):
+    """Detection and segmentation: the frozen backbone's maps at strides 8/16/32."""
+
+    input_size: Annotated[list[int], Field(min_length=2, max_length=2)] = [480, 640]
+    """[height, width] every image is resized to (no crop; boxes and masks map back exactly). Multiples of 32."""
+    flip_train: bool = True
+    """Also cache the maps of horizontally flipped training images (a free augmentation)."""
+
+    @model_validator(mode="after")
+    def _multiple_of_32(self) -> DenseParams:
+        if any(v < 32 or v % 32 for v in self.input_size):
+            raise ValueError(f"dense.input_size: {self.input_size} must be multiples of 32 (the coarsest stride)")
+        return self
+
+
+class DetectionParams(Section):
+    """The detection head (FCOS-style, anchor-free, on a small trainable FPN) and its training."""
+
+    width: int = Field(64, ge=8)
+    """Channels of the FPN and the head."""
+    num_convs: int = Field(2, ge=0)
+    """Conv layers per head branch (torchvision's FCOS default is 4)."""
+    epochs: int = Field(24, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: Annotated[Float, Field(gt=0.0)] = 0.002
+    weight_decay: Annotated[Float, Field(ge=0.0)] = 0.0001
+    patience: int = Field(8, ge=0)
+    """Stop when the selection split's mAP has not improved for this many epochs; 0 = off."""
+    holdout_fraction: Annotated[Float, Field(gt=0.0, lt=1.0)] = 0.1
+    """Without a test split: share of train images held out to choose the epoch."""
+    score_threshold: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.05
+    nms_threshold: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.6
+    max_detections: int = Field(100, ge=1)
+    pre_nms_top_k: int = Field(1000, ge=1)
+    seed: int = 0
+
+
+class SegmentationParams(Section):
+    """The segmentation decoder (FPN-style, on the cached maps) and its training."""
+
+    width: int = Field(96, ge=8)
+    """Channels of the decoder at stride 16 (a third of them at stride 8, where most of the work is)."""
+    epochs: int = Field(16, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: Annotated[Float, Field(gt=0.0)] = 0.003
+    """AdamW, cosine schedule with a one-epoch warm-up."""
+    weight_decay: Annotated[Float, Field(ge=0.0)] = 0.0001
+    patience: int = Field(6, ge=0)
+    """Stop when the selection split's mIoU has not improved for this many epochs; 0 = off."""
+    holdout_fraction: Annotated[Float, Field(gt=0.0, lt=1.0)] = 0.1
+    """Without a test split: share of train images held out to choose the epoch."""
+    loss_stride: Literal[2, 4, 8] = 4
+    """The loss is computed on labels at input size / loss_stride (majority vote per cell), cached by the
+    features stage; metrics are always per original pixel."""
+    class_weighting: Literal["none", "inverse_sqrt"] = "none"
+    """none | inverse_sqrt: cross-entropy weights 1/sqrt(pixel frequency) of each class in train, mean 1."""
+    seed: int = 0
 
 
 class SelectParams(Section):
@@ -184,15 +249,30 @@ class ExportParams(Section):
 
 
 class Params(Section):
+    task: Literal["classification", "detection", "segmentation"] = "classification"
+    """What the pipeline learns; every stage dispatches on it."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when available (autocast + channels_last), else CPU."""
     data: DataParams = DataParams()
     backbone: BackboneParams = BackboneParams()
     select: SelectParams = SelectParams()
     features: FeaturesParams = FeaturesParams()
+    dense: DenseParams = DenseParams()
     train: TrainParams = TrainParams()
+    detection: DetectionParams = DetectionParams()
+    segmentation: SegmentationParams = SegmentationParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
+
+
+    @model_validator(mode="after")
+    def _dataset_fits_task(self) -> Params:
+        fits = {"detection": DETECTION_DATASETS, "segmentation": SEGMENTATION_DATASETS}.get(
+            self.task, ("digits", "imagefolder", "cifar10", "cifar100"))
+        if self.data.dataset not in fits:
+            raise ValueError(f"data.dataset: {self.data.dataset!r} is not a {self.task} dataset; "
+                             f"with task: {self.task} use one of {', '.join(fits)}")
+        return self
 
 
 # ---------------------------------------------------------------- errors as one line

@@ -25,7 +25,7 @@ from PIL import Image
 
 from tasks.cli import stage_main
 from tasks.config import DataParams, Params, UserError
-from tasks.files import atomic_dir, sha256_bytes, write_json
+from tasks.files import atomic_dir, sha256_bytes, sha256_file, write_json
 from tasks.layout import SPLITS, Item, Layout, Progress, _order_key, stratified_split
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -390,7 +390,26 @@ def run(params: Params, layout: Layout, progress: Progress | None = None) -> Pre
     report: dict = {"status": "failed", "dataset": p.dataset, "skipped_count": 0, "skipped": skipped}
     try:
         with atomic_dir(out_dir) as tmp:
-            if p.dataset == "imagefolder":
+            extra: dict = {}
+            if params.task == "detection":
+                from tasks.detection.data import prepare_detection
+
+                root = Path(p.root)
+                items, classes, found, annotations = prepare_detection(root, p.dataset, skipped, check_image)
+                write_json(tmp / layout.annotations.name, annotations)
+                extra = {"task": "detection", "annotations_sha256": sha256_file(tmp / layout.annotations.name),
+                         "per_class": found["objects_per_class"]}
+                root_str = str(root)
+            elif params.task == "segmentation":
+                from tasks.segmentation.data import prepare_segmentation
+
+                root = Path(p.root)
+                items, classes, found, masks = prepare_segmentation(root, p.dataset, p, skipped, check_image)
+                write_json(tmp / layout.masks.name, masks)
+                extra = {"task": "segmentation", "masks_sha256": sha256_file(tmp / layout.masks.name),
+                         "per_class": found["pixels_per_class"]}
+                root_str = str(root)
+            elif p.dataset == "imagefolder":
                 root = Path(p.root)
                 items, classes, found = build_manifest(root, p, skipped, layout.prepare_report)
                 root_str = str(root)
@@ -412,7 +431,7 @@ def run(params: Params, layout: Layout, progress: Progress | None = None) -> Pre
             per_class = {c: {s: sum(1 for it in items if it.split == s and it.label == c) for s in SPLITS} for c in classes}
             write_json(tmp / "dataset.json", {
                 "dataset": p.dataset, "root": root_str, "classes": classes, "counts": counts, "per_class": per_class,
-                "skipped": len(skipped), "manifest_sha256": digest,
+                "skipped": len(skipped), "manifest_sha256": digest, **extra,
             })
             report.update(found, status="ok", skipped_count=len(skipped))
             write_json(tmp / "report.json", {k: v for k, v in report.items() if k != "status"})

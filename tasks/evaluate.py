@@ -1,4 +1,6 @@
-"""Stage `evaluate`: the trained classifier on the test split (val when there is none) -> reports/.
+"""Stage `evaluate`: the trained model on the test split (val when there is none) -> reports/.
+
+metrics.json is the DVC metric; everything else goes to reports/evaluation/ (one DVC out, whatever the task):
 
   metrics.json        accuracy, top-5 (more than 5 classes), macro-F1, ECE (15 bins), counts (a DVC metric)
   per_class.csv       precision, recall, F1, support per class
@@ -21,7 +23,7 @@ import torch
 
 from tasks.cli import stage_main
 from tasks.config import EvaluateParams, Params
-from tasks.files import atomic_files, atomic_path, write_json, write_text
+from tasks.files import atomic_dir, atomic_path, read_json, write_json, write_text
 from tasks.layout import ArtifactError, Dataset, Layout, Progress
 from tasks.model import autocast, load_classifier, load_head, pick_device
 from tasks.gap import gap_metrics
@@ -180,6 +182,31 @@ def plot_calibration(bins: list[dict], ece: float, path: Path) -> None:
     save_png(fig, path)
 
 
+def plot_mistakes(mistakes: list[dict], path: Path, columns: int = 5, size: int = 128) -> None:
+    """The most confident mistakes as a thumbnail grid, each titled true -> predicted (confidence)."""
+    from tasks.preprocess import decode_rgb
+
+    shown = mistakes[: columns * 4]
+    rows = max(1, -(-len(shown) // columns))
+    fig, _ = new_figure((2.2 * columns, 2.5 * rows))
+    fig.clear()
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, m in zip(axes, shown):
+        try:
+            img = decode_rgb(m["path"], size)
+            img.thumbnail((size, size))
+            ax.imshow(np.asarray(img))
+        except Exception:  # noqa: BLE001 - a file that vanished since: leave the cell empty, keep the title
+            pass
+        ax.set_title(f"{m['actual']} -> {m['predicted']}\n({m['confidence']:.2f})", fontsize=8, color="firebrick")
+    if not shown:
+        axes[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
+    fig.suptitle("most confident mistakes: true -> predicted (confidence)", fontsize=10)
+    save_png(fig, path)
+
+
 # ---------------------------------------------------------------- stage
 
 
@@ -206,6 +233,20 @@ def eval_logits(layout: Layout, dataset: Dataset, split: str, params: Params) ->
 
 def run(params: Params, layout: Layout, progress: Progress | None = None) -> EvaluateResult:
     t0 = time.perf_counter()
+    if params.task == "detection":
+        from tasks.detection.evaluate import evaluate_detection
+
+        with atomic_dir(layout.evaluation) as out:
+            metrics = evaluate_detection(params, layout, out)
+        write_json(layout.metrics, metrics)
+        return EvaluateResult(metrics, layout.reports, time.perf_counter() - t0)
+    if params.task == "segmentation":
+        from tasks.segmentation.evaluate import evaluate_segmentation
+
+        with atomic_dir(layout.evaluation) as out:
+            metrics = evaluate_segmentation(params, layout, out)
+        write_json(layout.metrics, metrics)
+        return EvaluateResult(metrics, layout.reports, time.perf_counter() - t0)
     ep: EvaluateParams = params.evaluate
     dataset = layout.dataset()
     split = dataset.eval_split
@@ -213,8 +254,8 @@ def run(params: Params, layout: Layout, progress: Progress | None = None) -> Eva
     y = dataset.labels(split)
     logits, meta = eval_logits(layout, dataset, split, params)
     r = classification_metrics(logits, y, dataset.classes, ep.ece_bins)
-    # Every report is staged and moved in together: a failure leaves the previous reports whole.
-    with atomic_files(layout.reports) as reports_dir:
+    # Every report is staged and swapped in together: a failure leaves the previous reports whole.
+    with atomic_dir(layout.evaluation) as reports_dir:
         skipped = int(layout.read_json(layout.prepared / "report.json", {}).get("skipped_count", 0))
         ci = bootstrap_ci(y, r["pred"], len(dataset.classes), ep.bootstrap_samples, ep.bootstrap_seed) \
             if ep.bootstrap_samples else {}
@@ -247,21 +288,33 @@ def run(params: Params, layout: Layout, progress: Progress | None = None) -> Eva
              "confidence": round(float(probs[i, pred[i]]), 6), "p_actual": round(float(probs[i, y[i]]), 6)}
             for i in wrong
         ])
+        plot_mistakes(read_json(reports_dir / "mistakes.json"), reports_dir / "mistakes.png")
         write_json(reports_dir / "calibration.json", r["calibration"])
         plot_confusion(r["confusion"], dataset.classes, reports_dir / "confusion.png",
                        f"{split}: accuracy {metrics['accuracy']:.4f} (n={metrics['n']})")
         plot_calibration(r["calibration"], metrics["ece"], reports_dir / "calibration.png")
-        write_json(reports_dir / layout.metrics.name, metrics)
+    write_json(layout.metrics, metrics)
     return EvaluateResult(metrics, layout.reports, time.perf_counter() - t0)
 
 
 def describe(r: EvaluateResult) -> str:
     m = r.metrics
+    if m.get("task") == "detection":
+        per = ", ".join(f"{c} {v:.3f}" for c, v in m["ap50_per_class"].items())
+        return (f"evaluate: {m['eval_split']} n={m['n']}: mAP@[.5:.95] {m['map']:.4f}, AP50 {m['ap50']:.4f} ({per}), "
+                f"AP75 {m['ap75']:.4f}\n  reports: {r.reports_dir}/metrics.json, evaluation/ (examples.png, pr.png, "
+                f"per_class.csv, detections.json)")
+    if m.get("task") == "segmentation":
+        worst = sorted((v, c) for c, v in m["iou_per_class"].items() if v is not None)[:3]
+        return (f"evaluate: {m['eval_split']} n={m['n']}: mIoU {m['miou']:.4f}, pixel accuracy {m['pixel_accuracy']:.4f}, "
+                f"fw-IoU {m['fw_iou']:.4f}; weakest {', '.join(f'{c} {v:.3f}' for v, c in worst)}\n"
+                f"  reports: {r.reports_dir}/metrics.json, evaluation/ (examples.png, iou.png, confusion.png, "
+                f"confusion.csv, per_class.csv, per_image.csv)")
     top5 = f", top-5 {m['top5_accuracy']:.4f}" if "top5_accuracy" in m else ""
     ci = "" if "accuracy_ci95" not in m else " [{:.3f}, {:.3f}]".format(*m["accuracy_ci95"])
     return (f"evaluate: {m['eval_split']} n={m['n']}: accuracy {m['accuracy']:.4f}{ci}{top5}, macro-F1 {m['macro_f1']:.4f}, "
             f"ECE {m['ece']:.4f}; skipped images {m['skipped_images']}\n"
-            f"  reports: {r.reports_dir}/metrics.json, per_class.csv, confusion.png, calibration.png, mistakes.json")
+            f"  reports: {r.reports_dir}/metrics.json, evaluation/ (per_class.csv, confusion.png, calibration.png, mistakes.json)")
 
 
 if __name__ == "__main__":

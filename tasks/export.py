@@ -25,7 +25,6 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Iterator
 
@@ -40,6 +39,7 @@ from tasks.layout import Dataset, Layout, Progress
 from tasks.model import Classifier, load_classifier, with_static_padding
 from tasks.ood import MahalanobisScore, load_ood
 from tasks.preprocess import PreprocessingCard, decoded_batches
+from tasks.onnxfile import set_metadata, version_of
 from tasks.runtime import open_session
 INPUT, OUTPUTS = "images", ("probabilities", "logits")
 OOD_OUTPUT = "ood_score"
@@ -96,27 +96,6 @@ def export_onnx(classifier: Classifier, card: PreprocessingCard, path: Path, ops
             dynamic_axes={INPUT: {0: "batch"}, **{name: {0: "batch"} for name in names}},
             opset_version=opset, dynamo=False,
         )
-
-
-def version_of(package: str) -> str:
-    try:
-        return importlib_metadata.version(package)
-    except importlib_metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def set_metadata(path: Path, props: dict[str, str]) -> None:
-    import onnx
-
-    model = onnx.load(str(path))
-    del model.metadata_props[:]
-    for key, value in props.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    model.producer_name = "tlcv"
-    model.producer_version = version_of("tlcv")
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
 
 
 def eval_batches(dataset: Dataset, split: str, card: PreprocessingCard, batch_size: int,
@@ -314,6 +293,37 @@ def write_triton_repo(model_path: Path, out_dir: Path, name: str, card: Preproce
 # ---------------------------------------------------------------- stage
 
 
+def run_segmentation(params: Params, layout: Layout, t0: float) -> ExportResult:
+    from tasks.segmentation.export import export_segmentation
+
+    with atomic_dir(layout.export) as out:
+        parity = export_segmentation(params, layout, out)
+        write_json(layout.parity, parity)
+        if not parity["passed"]:
+            raise ExportError(
+                f"parity gate failed on {parity['n']} {parity['split']} images: {parity['pixel_agreement']:.4%} of pixels "
+                f"agree between onnxruntime and PyTorch (need {parity['min_pixel_agreement']:.1%}), max probability "
+                f"difference {parity['max_prob_diff']:.1e} (tolerance {parity['prob_tolerance']:.0e}); the previous "
+                f"{layout.model_onnx} is kept (see {layout.parity})")
+    return ExportResult(layout.model_onnx, parity, None, layout.export / "triton" / params.export.triton_model_name,
+                        time.perf_counter() - t0)
+
+
+def run_detection(params: Params, layout: Layout, t0: float) -> ExportResult:
+    from tasks.detection.export import export_detection
+
+    with atomic_dir(layout.export) as out:
+        parity = export_detection(params, layout, out)
+        write_json(layout.parity, parity)
+        if not parity["passed"]:
+            raise ExportError(
+                f"parity gate failed: {parity['images_matching']} of {parity['n']} {parity['split']} images give the same "
+                f"detections in onnxruntime and PyTorch (min matched IoU {parity['min_matched_iou']:.4f}, max score "
+                f"difference {parity['max_score_diff']:.1e}); the previous {layout.model_onnx} is kept (see {layout.parity})")
+    return ExportResult(layout.model_onnx, parity, None, layout.export / "triton" / params.export.triton_model_name,
+                        time.perf_counter() - t0)
+
+
 def run(params: Params, layout: Layout, progress: Progress | None = None) -> ExportResult:
     """Export, prove parity, write INT8 and Triton: all into a new export/ swapped in only when every step passed.
 
@@ -321,6 +331,10 @@ def run(params: Params, layout: Layout, progress: Progress | None = None) -> Exp
     reports/parity.json says why.
     """
     t0 = time.perf_counter()
+    if params.task == "detection":
+        return run_detection(params, layout, t0)
+    if params.task == "segmentation":
+        return run_segmentation(params, layout, t0)
     p = params.export
     dataset = layout.dataset()
     classifier, meta = load_classifier(layout.classifier)
@@ -373,6 +387,13 @@ def run(params: Params, layout: Layout, progress: Progress | None = None) -> Exp
 
 def describe(r: ExportResult) -> str:
     q = r.parity
+    if "images_matching" in q:
+        return (f"export: {r.model_path} — parity on {q['n']} {q['split']} images: {q['match_rate']:.2%} give the same "
+                f"detections (min IoU {q['min_matched_iou']:.4f}, max score diff {q['max_score_diff']:.1e}); "
+                f"Triton repository {r.triton_dir}; {r.seconds:.1f}s")
+    if "pixel_agreement" in q:
+        return (f"export: {r.model_path} — parity on {q['n']} {q['split']} images: {q['pixel_agreement']:.4%} of pixels "
+                f"agree, max |dp| {q['max_prob_diff']:.1e}; Triton repository {r.triton_dir}; {r.seconds:.1f}s")
     line = (f"export: {r.model_path} — parity on {q['n']} {q['split']} images: argmax agreement {q['argmax_agreement']:.2%}, "
             f"max |dp| {q['max_abs_prob_diff']:.1e}, onnxruntime accuracy {q['onnx_accuracy']:.4f} "
             f"(PyTorch {q['torch_accuracy']:.4f}); Triton repository {r.triton_dir}; {r.seconds:.1f}s")

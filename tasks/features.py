@@ -37,9 +37,10 @@ class FeaturesResult:
     images_per_s: float
 
 
-def feature_key(card: PreprocessingCard, manifest_sha256: str) -> str:
+def feature_key(card: PreprocessingCard, manifest_sha256: str, options: dict | None = None) -> str:
     blob = json.dumps(
-        {"weights": card.weights_sha256, "preprocessing": card.preprocessing_dict(), "manifest": manifest_sha256},
+        {"weights": card.weights_sha256, "preprocessing": card.preprocessing_dict(), "manifest": manifest_sha256,
+         **({"options": options} if options else {})},
         sort_keys=True,
     )
     return sha256_bytes(blob.encode())
@@ -85,13 +86,22 @@ def run(params: Params, layout: Layout, progress: Progress | None = None, force:
     t0 = time.perf_counter()
     dataset = layout.dataset()
     card = layout.card()
-    key = feature_key(card, dataset.manifest_sha256)
+    dense = params.task != "classification"
+    options = {"flip_train": params.dense.flip_train} if dense else None
+    if params.task == "segmentation":  # the masks, cached at the loss resolution beside the maps
+        from tasks.segmentation.data import label_options
+
+        options = {**options, "labels": label_options(params, layout)}
+    key = feature_key(card, dataset.manifest_sha256, options)
     cache = layout.feature_cache()
     counts = {s: len(dataset.split(s)) for s in ("train", "val", "test") if dataset.has_split(s)}
     engine = choose_engine(params, layout)
     if not force and cache.valid_key() == key:
-        write_gap(layout, dataset, card, key, params.features.batch_size, params.features.decode_workers)
+        if not dense:  # the domain gap is measured for classification (pooled features) only
+            write_gap(layout, dataset, card, key, params.features.batch_size, params.features.decode_workers)
         return FeaturesResult(layout.features, key, True, engine, counts, time.perf_counter() - t0, 0.0)
+    if dense:
+        return dense_maps(params, layout, dataset, card, key, counts, engine, progress, t0)
 
     run_batch = onnx_runner(layout.features_onnx) if engine == "onnxruntime" else torch_runner(layout, params.device)
     # One stream over all splits (in split order), so decoding never stalls at a split boundary.
@@ -120,6 +130,73 @@ def run(params: Params, layout: Layout, progress: Progress | None = None, force:
     # After the swap (it replaces the directory): one torch pass over a subsample, kept while the key holds.
     write_gap(layout, dataset, card, key, params.features.batch_size, params.features.decode_workers)
     return FeaturesResult(layout.features, key, False, engine, counts, time.perf_counter() - t0, rate)
+
+
+def dense_maps(params: Params, layout: Layout, dataset, card: PreprocessingCard, key: str, counts: dict[str, int],
+               engine: str, progress: Progress | None, t0: float) -> FeaturesResult:
+    """Detection/segmentation: fp16 maps at strides 8/16/32 of every split (+ flipped train), streamed to disk."""
+    from tasks.dense import MAP_NAMES, write_maps
+
+    if engine == "onnxruntime":
+        from tasks.runtime import open_session
+
+        session, _ = open_session(layout.features_onnx, device="cpu")
+        run_batch = lambda batch: session.run(list(MAP_NAMES), {"images": batch})  # noqa: E731
+    else:
+        run_batch = dense_torch_runner(layout, params.device)
+    items = [(split, it) for split in counts for it in dataset.split(split)]
+    total = len(items) + (counts.get("train", 0) if params.dense.flip_train else 0)  # network passes
+    done = [0]
+    t_net = time.perf_counter()
+
+    def batches():
+        paths = [dataset.resolve(it) for _, it in items]
+        start = 0
+        for batch in decoded_batches(paths, card, params.features.batch_size, params.features.decode_workers):
+            split = items[start][0]
+            cut = next((i for i in range(len(batch)) if items[start + i][0] != split), len(batch))
+            if cut < len(batch):  # a batch that crosses a split boundary goes out in two parts
+                yield split, batch[:cut]
+                yield items[start + cut][0], batch[cut:]
+            else:
+                yield split, batch
+            start += len(batch)
+
+    with tqdm(total=len(items), desc=f"dense features ({engine})", unit="img", disable=None) as bar:
+        def tick(n: int) -> None:
+            done[0] += n
+            bar.update(n)
+            if progress:
+                progress(done[0], len(items))
+
+        with layout.feature_cache().writer(key, {"engine": engine, "counts": counts, "task": params.task,
+                                                 "flip_train": params.dense.flip_train,
+                                                 "manifest_sha256": dataset.manifest_sha256,
+                                                 "weights_sha256": card.weights_sha256}) as create:
+            write_maps(create, run_batch, batches(), counts, card, params.dense.flip_train, tick)
+            if params.task == "segmentation":
+                from tasks.segmentation.data import write_labels
+
+                write_labels(create, layout, dataset, card, counts, params.dense.flip_train,
+                             params.segmentation.loss_stride)
+    rate = total / max(time.perf_counter() - t_net, 1e-9)
+    return FeaturesResult(layout.features, key, False, engine, counts, time.perf_counter() - t0, rate)
+
+
+def dense_torch_runner(layout: Layout, device_name: str):
+    import torch
+
+    from tasks.dense import load_dense_extractor
+    from tasks.model import autocast, pick_device
+
+    device = pick_device(device_name)
+    extractor = load_dense_extractor(layout).to(device)
+
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        with torch.inference_mode(), autocast(device):
+            return [m.float().cpu().numpy() for m in extractor(torch.from_numpy(batch).to(device))]
+
+    return run
 
 
 def describe(r: FeaturesResult) -> str:

@@ -87,7 +87,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 def atomic_files(directory: str | Path) -> Iterator[Path]:
     """Stage several files in a temporary folder; move them all into `directory` only if the block succeeds.
 
-    For a stage whose outputs are sibling files (models/classifier.pt, head.pt, ...): a failure
+    For a stage whose outputs are sibling files (models/model.pt, head.pt, ...): a failure
     anywhere leaves every previous file in place, not a mix of old and new.
     """
     directory = Path(directory)

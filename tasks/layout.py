@@ -11,11 +11,12 @@ torch live beside the networks, in tasks/model.py.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -145,11 +146,26 @@ class FeatureCache:
 
     def save(self, key: str, arrays: dict[str, np.ndarray], info: dict) -> None:
         """Write every array and key.json, swapped in as one directory (a killed run leaves the old cache)."""
-        with atomic_dir(self.dir) as tmp:
-            digests = {}
+        with self.writer(key, info) as create:
             for name, arr in arrays.items():
-                np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr))
-                digests[f"{name}.npy"] = sha256_file(tmp / f"{name}.npy")
+                create(name, arr.shape, arr.dtype)[...] = arr
+
+    @contextlib.contextmanager
+    def writer(self, key: str, info: dict) -> Iterator[Callable[[str, tuple, np.dtype], np.ndarray]]:
+        """Yield `create(name, shape, dtype)` -> a writable memmap; arrays larger than memory stream to disk.
+        On success every file is hashed into key.json and the directory swapped in whole."""
+        with atomic_dir(self.dir) as tmp:
+            made: dict[str, np.ndarray] = {}
+
+            def create(name: str, shape: tuple, dtype) -> np.ndarray:
+                made[name] = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=tuple(shape))
+                return made[name]
+
+            yield create
+            for arr in made.values():
+                arr.flush()
+            made.clear()
+            digests = {f"{n}.npy": sha256_file(tmp / f"{n}.npy") for n in sorted(p.stem for p in tmp.glob("*.npy"))}
             write_json(tmp / "key.json", {"key": key, "arrays": digests, **info})
 
     def load(self, mmap: bool = False) -> dict[str, np.ndarray]:
@@ -184,6 +200,16 @@ class Layout:
     def prepare_report(self) -> Path:
         """The report of the last prepare run, also when it failed (outside data/prepared, which keeps the last good data)."""
         return self.root / "data" / "prepare-report.json"
+
+    @property
+    def annotations(self) -> Path:
+        """Detection: boxes per image (input of the prepared dataset, beside manifest.csv)."""
+        return self.prepared / "annotations.json"
+
+    @property
+    def masks(self) -> Path:
+        """Segmentation: the label map (classes, values, ignore, palette) and each image's mask file."""
+        return self.prepared / "masks.json"
 
     @property
     def backbone(self) -> Path:
@@ -238,8 +264,13 @@ class Layout:
         return self.backbone / "features.onnx"
 
     @property
+    def checkpoint(self) -> Path:
+        """The trained model, backbone + head, whatever the task (plus model.safetensors, head.pt, labels.json)."""
+        return self.models / "model.pt"
+
+    @property
     def classifier(self) -> Path:
-        return self.models / "classifier.pt"
+        return self.checkpoint
 
     @property
     def head(self) -> Path:
@@ -248,6 +279,11 @@ class Layout:
     @property
     def metrics(self) -> Path:
         return self.reports / "metrics.json"
+
+    @property
+    def evaluation(self) -> Path:
+        """The evaluate stage's tables and pictures (one folder: what is in it depends on the task)."""
+        return self.reports / "evaluation"
 
     @property
     def parity(self) -> Path:

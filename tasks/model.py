@@ -181,7 +181,7 @@ def head_from_meta(meta: dict) -> nn.Module:
 
 
 def load_classifier(path: Path) -> tuple[Classifier, dict]:
-    """The whole classifier (backbone + head) from classifier.pt, weights_only: no pickled code runs."""
+    """The whole classifier (backbone + head) from model.pt, weights_only: no pickled code runs."""
     if not Path(path).exists():
         raise ArtifactError(f"{path} not found: run the train stage first (dvc repro train)")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -11,7 +11,7 @@ Model selection is honest: L2 or epoch is chosen on val when a test split exists
 Without a test split val is the evaluation split, so the choice is made on a
 stratified holdout of train and (on cached features) the head is then refit on all of train.
 
-Outputs: models/head.pt, models/classifier.pt (+ .safetensors), models/labels.json,
+Outputs: models/head.pt, models/model.pt (+ .safetensors), models/labels.json,
 reports/train_history.csv (a DVC plot), reports/train.json.
 """
 
@@ -299,7 +299,7 @@ def evaluate_images(model: nn.Module, loader, device: torch.device) -> float:
 
 def save_classifier(model: Classifier, card: PreprocessingCard, classes: list[str], params: Params,
                     extra: dict, out_dir: Path, ood: dict | None = None) -> Path:
-    """classifier.pt loads with torch.load(weights_only=True): tensors and plain data only."""
+    """model.pt loads with torch.load(weights_only=True): tensors and plain data only."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -308,16 +308,18 @@ def save_classifier(model: Classifier, card: PreprocessingCard, classes: list[st
                      "feature_power": params.train.feature_power}}
     with atomic_files(out_dir) as tmp:
         torch.save({"state_dict": state, "meta": json.loads(json.dumps(meta)), **({"ood": ood} if ood else {})},
-                   tmp / "classifier.pt")
-        save_file(state, str(tmp / "classifier.safetensors"), metadata={"meta": json.dumps(meta)})
+                   tmp / "model.pt")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"meta": json.dumps(meta)})
         torch.save({k[5:]: v for k, v in state.items() if k.startswith("head.")}, tmp / "head.pt")
         write_json(tmp / "labels.json", classes)
-    return out_dir / "classifier.pt"
+    return out_dir / "model.pt"
 
 
-def write_history(history: list[dict], path: Path) -> None:
+HISTORY_COLUMNS = ["step", "phase", "l2", "train_loss", "train_acc", "select_loss", "select_acc", "lr"]
+
+
+def write_history(history: list[dict], path: Path, cols: list[str] = HISTORY_COLUMNS) -> None:
     """One row per epoch (adamw/adam/sgd) or per L2 candidate (lbfgs): the DVC learning-curve plot."""
-    cols = ["step", "phase", "l2", "train_loss", "train_acc", "select_loss", "select_acc", "lr"]
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
@@ -326,9 +328,25 @@ def write_history(history: list[dict], path: Path) -> None:
     write_text(path, buf.getvalue())
 
 
+def run_dense(params: Params, layout: Layout, progress: Progress | None, t0: float) -> TrainResult:
+    """Detection, segmentation: the head learns on the cached maps; same outputs as the classifier's (model.pt, ...)."""
+    if params.task == "segmentation":
+        from tasks.segmentation.train import HISTORY, fit_and_save
+    else:
+        from tasks.detection.train import HISTORY, fit_and_save
+
+    path, history, summary = fit_and_save(params, layout, progress)
+    write_history(history, layout.reports / "train_history.csv", HISTORY)
+    seconds = time.perf_counter() - t0
+    write_json(layout.reports / "train.json", {**summary, "steps_run": len(history), "seconds": round(seconds, 2)})
+    return TrainResult(path, summary, seconds)
+
+
 def run(params: Params, layout: Layout, progress: Progress | None = None) -> TrainResult:
     """Fit the head (or head + unfrozen blocks); `progress(done, total)` per epoch or per L2 candidate."""
     t0 = time.perf_counter()
+    if params.task != "classification":
+        return run_dense(params, layout, progress, t0)
     p = params.train
     dataset = layout.dataset()
     extractor = load_feature_extractor(layout)
@@ -355,7 +373,9 @@ def run(params: Params, layout: Layout, progress: Progress | None = None) -> Tra
 def describe(r: TrainResult) -> str:
     s = r.summary
     chosen = f"L2 {s['l2']}" if s["solver"] == "lbfgs" else f"epoch {s['best_epoch']}"
-    return (f"train: {s['solver']}, {chosen} chosen on {s['selection']} (acc {s['selection_accuracy']:.4f}), "
+    score = f"mAP {s['selection_map']:.4f}" if "selection_map" in s else f"mIoU {s['selection_miou']:.4f}" \
+        if "selection_miou" in s else f"acc {s['selection_accuracy']:.4f}"
+    return (f"train: {s['solver']}, {chosen} chosen on {s['selection']} ({score}), "
             f"{r.seconds:.1f}s -> {r.classifier_path}")
 
 

@@ -166,9 +166,12 @@ PROJECT_FILES = ("dvc.yaml", "params.yaml", "prefect.yaml", ".dvcignore", ".giti
                  "data/raw/README.md")
 
 
-def project_copy(repo: Path, per_class: int = 6) -> Path:
+def project_copy(repo: Path, per_class: int = 6, make_data=None, params_update: dict | None = None) -> Path:
     """A git repository holding this project's code and DVC/Prefect files, its params pointed at a tiny
-    generated image folder in data/raw (split 50/25/25), committed once."""
+    generated image folder in data/raw (split 50/25/25), committed once.
+
+    `make_data(path)` writes another dataset to data/raw instead; `params_update` ({section: {key: value}}
+    or {key: value} at the top) is merged into params.yaml."""
     import shutil
     import subprocess
 
@@ -179,9 +182,17 @@ def project_copy(repo: Path, per_class: int = 6) -> Path:
     for f in PROJECT_FILES:
         (repo / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / f, repo / f)
-    make_imagefolder(repo / "data" / "raw", per_class=per_class)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"].update(dataset="imagefolder", root="data/raw", val_fraction=0.25, test_fraction=0.25)
+    if make_data is None:
+        make_imagefolder(repo / "data" / "raw", per_class=per_class)
+        params["data"].update(dataset="imagefolder", root="data/raw", val_fraction=0.25, test_fraction=0.25)
+    else:
+        make_data(repo / "data" / "raw")
+    for key, value in (params_update or {}).items():
+        if isinstance(value, dict):
+            params.setdefault(key, {}).update(value)
+        else:
+            params[key] = value
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, **GIT_IDENTITY}
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "init"]):

@@ -12,7 +12,7 @@ def test_params_yaml_is_valid_and_documents_the_defaults():
 
 
 @pytest.mark.parametrize("raw, words", [
-    ({"trian": {}}, ["'trian'", "did you mean 'train'", "valid keys here: device, data, backbone"]),
+    ({"trian": {}}, ["'trian'", "did you mean 'train'", "valid keys here: task, device, data, backbone"]),
     ({"train": {"epoch": 3}}, ["'train.epoch'", "did you mean 'epochs'", "head, hidden_dim"]),
     ({"data": {"datset": "digits"}}, ["'data.datset'", "dataset, root"]),
 ])

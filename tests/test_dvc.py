@@ -68,7 +68,7 @@ def test_push_versions_data_and_checkpoints_in_the_local_remote(repo):
     assert storage.is_dir() and sum(1 for p in storage.rglob("*") if p.is_file()) >= 5
     shutil.rmtree(repo / "models")
     sh(["dvc", "checkout"], repo)
-    assert (repo / "models" / "classifier.pt").exists()
+    assert (repo / "models" / "model.pt").exists()
 
 
 @pytest.mark.parametrize("module, expected", [

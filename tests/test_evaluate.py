@@ -42,19 +42,19 @@ def test_evaluate_writes_every_report(imagefolder, workdir):
     for key in ("accuracy", "macro_f1", "ece", "n", "eval_split", "skipped_images"):
         assert key in m
     assert m["eval_split"] == "test"
-    with open(workdir.reports / "per_class.csv") as f:
+    with open(workdir.layout.evaluation / "per_class.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["class"] for r in rows] == ["circles", "squares", "stripes"]
     assert sum(int(r["support"]) for r in rows) == m["n"]
-    with open(workdir.reports / "predictions.csv") as f:
+    with open(workdir.layout.evaluation / "predictions.csv") as f:
         preds = list(csv.DictReader(f))
     assert len(preds) == m["n"]
     wrong = [p for p in preds if p["actual"] != p["predicted"]]
-    mistakes = read_json(workdir.reports / "mistakes.json")
+    mistakes = read_json(workdir.layout.evaluation / "mistakes.json")
     assert len(mistakes) == min(len(wrong), params.evaluate.top_mistakes)
     assert [x["confidence"] for x in mistakes] == sorted((x["confidence"] for x in mistakes), reverse=True)
-    for png in ("confusion.png", "calibration.png"):
-        assert (workdir.reports / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ("confusion.png", "calibration.png", "mistakes.png"):
+        assert (workdir.layout.evaluation / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bootstrap_interval_is_reproducible_and_brackets_the_score():

@@ -42,7 +42,7 @@ def test_parity_gate_passes_and_onnx_accuracy_is_pytorch_accuracy(exported):
 
 def test_dynamic_batch_and_the_same_answers_as_pytorch(exported):
     w, _, r = exported
-    model, meta = load_classifier(w.models / "classifier.pt")
+    model, meta = load_classifier(w.models / "model.pt")
     ds = load_dataset(w.prepared)
     pixels = np.stack([load_image(ds.resolve(it), model.features.card) for it in ds.items[:7]])
     session, provider = open_session(r.model_path, device="cpu")
@@ -98,7 +98,7 @@ def test_a_tampered_head_fails_the_gate_and_nothing_is_written(exported, monkeyp
 
 def test_check_parity_counts_disagreements(exported, tmp_path):
     w, params, r = exported
-    model, _ = load_classifier(w.models / "classifier.pt")
+    model, _ = load_classifier(w.models / "model.pt")
     evil = __import__("copy").deepcopy(model)
     with torch.no_grad():
         evil.head[-1].bias.copy_(torch.tensor([100.0, 0.0, 0.0]))  # always "circles"

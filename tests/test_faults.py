@@ -74,7 +74,7 @@ def test_a_misspelt_param_keeps_the_prepared_data(repo):
 
 
 def test_a_failing_train_keeps_the_previous_model(repo):
-    models = ("classifier.pt", "classifier.safetensors", "head.pt", "labels.json")
+    models = ("model.pt", "model.safetensors", "head.pt", "labels.json")
     before = {m: sha256_file(repo / "models" / m) for m in models}
     with params_changed(repo, lambda d: d["train"].update(unfreeze_blocks=99)):
         r = sh(["dvc", "repro"], repo, check=False)

@@ -15,7 +15,7 @@ def backbone_bytes(state: dict) -> dict:
 
 
 def classifier_backbone(models_dir) -> dict:
-    ckpt = torch.load(models_dir / "classifier.pt", weights_only=True)
+    ckpt = torch.load(models_dir / "model.pt", weights_only=True)
     return {k[len("features.network."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("features.network.")}
 
 
@@ -71,11 +71,11 @@ def test_classifier_checkpoint_loads_safely_and_matches_the_features_path(imagef
     params = tiny_params(imagefolder)
     metrics = workdir.run_all(params).metrics
     assert metrics["accuracy"] >= 0.8  # three visually distinct classes
-    model, meta = load_classifier(workdir.models / "classifier.pt")
+    model, meta = load_classifier(workdir.models / "model.pt")
     assert meta["labels"] == ["circles", "squares", "stripes"]
-    st = load_file(str(workdir.models / "classifier.safetensors"))
+    st = load_file(str(workdir.models / "model.safetensors"))
     assert all(torch.equal(st[k], v) for k, v in model.state_dict().items() if k in st)
-    assert set(st) == set(torch.load(workdir.models / "classifier.pt", weights_only=True)["state_dict"])
+    assert set(st) == set(torch.load(workdir.models / "model.pt", weights_only=True)["state_dict"])
 
     # The full classifier on pixels == the head on cached (onnxruntime) features.
     from tasks.preprocess import load_image

@@ -1,7 +1,7 @@
 """Does the select stage's cheap probe pick a backbone the full pipeline agrees with? One run, one machine.
 
-    python bench/select.py ../shared/datasets/hymenoptera
-    python bench/select.py digits --far ../shared/datasets/hymenoptera     # + OOD: digits model on bee photos
+    python bench/backbone_select.py ../shared/datasets/hymenoptera
+    python bench/backbone_select.py digits --far ../shared/datasets/hymenoptera     # + OOD: digits model on bee photos
 
 For every candidate the full pipeline runs (backbone, features of every image, train, evaluate:
 `full_acc`, `domain_gap`); then the select stage runs cold (empty cache) with `backbone.name: auto`.
@@ -21,8 +21,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file is bench/select.py: keep its folder off the path, or it shadows the standard library's `select`.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# (Named backbone_select.py, not select.py: a bench/select.py shadowed the standard library's `select` for every
+# script in bench/, whose folder Python puts first on the path.)
 
 import argparse  # noqa: E402
 import json  # noqa: E402

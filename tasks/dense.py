@@ -1,0 +1,119 @@
+"""Dense features, shared by detection and segmentation: the frozen backbone's multi-scale maps.
+
+The backbone (the same ImageNet weights the classifier uses) returns its feature maps at
+strides 8, 16 and 32 for a fixed input size recorded in the preprocessing card. Images are
+resized to that size without cropping (`resize_mode: stretch`), so a box or a mask maps back
+to the original image exactly by two scale factors.
+
+With augmentation off, the maps of every image are computed once (onnxruntime on CPU) and
+cached as fp16 .npy files that later stages memory-map: memory stays bounded by a batch, also
+for datasets larger than RAM. Horizontally flipped training images are cached beside them
+(`dense.flip_train`), a free augmentation for heads that learn on cached maps.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.config import UserError
+from tasks.preprocess import PreprocessingCard
+
+STRIDES = (8, 16, 32)
+MAP_NAMES = tuple(f"p{i}" for i in (3, 4, 5))  # p3 = stride 8, the FPN naming
+
+
+def _timm_indices(network: nn.Module) -> list[int]:
+    info = getattr(network, "feature_info", None)
+    if info is None or not hasattr(network, "forward_intermediates"):
+        raise UserError("dense tasks need a timm backbone with forward_intermediates, or a torchvision resnet")
+    reductions = [f["reduction"] for f in info]
+    missing = [s for s in STRIDES if s not in reductions]
+    if missing:
+        raise UserError(f"the backbone has no feature maps at stride(s) {missing}")
+    return [reductions.index(s) for s in STRIDES]
+
+
+class DenseExtractor(nn.Module):
+    """uint8 [N, H, W, 3] RGB pixels -> [p3, p4, p5] feature maps (strides 8, 16, 32); normalisation inside."""
+
+    def __init__(self, network: nn.Module, card: PreprocessingCard):
+        super().__init__()
+        self.network = network
+        self.card = card
+        self.register_buffer("mean", torch.tensor(card.mean).mul(255.0).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(card.std).mul(255.0).view(1, 3, 1, 1), persistent=False)
+        self.resnet = all(hasattr(network, f"layer{i}") for i in (2, 3, 4))
+        self.indices = None if self.resnet else _timm_indices(network)
+
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        x = (pixels.permute(0, 3, 1, 2).to(self.mean.dtype) - self.mean) / self.std
+        if self.resnet:
+            n = self.network
+            x = n.layer1(n.maxpool(n.relu(n.bn1(n.conv1(x)))))
+            c3 = n.layer2(x)
+            c4 = n.layer3(c3)
+            return [c3, c4, n.layer4(c4)]
+        return list(self.network.forward_intermediates(x, indices=self.indices, intermediates_only=True))
+
+    @torch.no_grad()
+    def channels(self) -> list[int]:
+        h, w = self.card.input_size
+        return [int(m.shape[1]) for m in self(torch.zeros(1, h, w, 3, dtype=torch.uint8))]
+
+
+def map_shapes(card: PreprocessingCard) -> list[tuple[int, int, int]]:
+    """(C, h, w) of each level for the card's input size (from the card, no network needed)."""
+    h, w = card.input_size
+    return [(c, -(-h // s), -(-w // s)) for c, s in zip(card.extra["channels"], STRIDES)]
+
+
+def flip_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
+    """Horizontally flipped image -> its boxes (x1, y1, x2, y2)."""
+    out = boxes.copy()
+    out[:, 0], out[:, 2] = width - boxes[:, 2], width - boxes[:, 0]
+    return out
+
+
+def write_maps(create: Callable[[str, tuple, np.dtype], np.ndarray], run: Callable[[np.ndarray], list[np.ndarray]],
+               batches, counts: dict[str, int], card: PreprocessingCard, flip_train: bool,
+               progress: Callable[[int], None]) -> None:
+    """Stream every split's maps into fp16 memmaps `p3_<split>` ... (and `p3_train_flip` ... when flip_train).
+
+    `batches` yields (split, uint8 batch) in split order; `create(name, shape, dtype)` makes a memmap.
+    """
+    shapes = map_shapes(card)
+    arrays: dict[str, np.ndarray] = {}
+    for split, n in counts.items():
+        for name, shape in zip(MAP_NAMES, shapes):
+            arrays[f"{name}_{split}"] = create(f"{name}_{split}", (n, *shape), np.float16)
+            if flip_train and split == "train":
+                arrays[f"{name}_train_flip"] = create(f"{name}_train_flip", (n, *shape), np.float16)
+    filled = dict.fromkeys(counts, 0)
+    for split, batch in batches:
+        start, end = filled[split], filled[split] + len(batch)
+        for name, m in zip(MAP_NAMES, run(batch)):
+            arrays[f"{name}_{split}"][start:end] = m
+        if flip_train and split == "train":
+            for name, m in zip(MAP_NAMES, run(np.ascontiguousarray(batch[:, :, ::-1]))):
+                arrays[f"{name}_train_flip"][start:end] = m
+        filled[split] = end
+        progress(len(batch))
+    for arr in arrays.values():
+        arr.flush()
+
+
+def gather_maps(arrays: dict[str, np.ndarray], key: str, index: Sequence[int]) -> list[torch.Tensor]:
+    """float32 tensors of levels p3..p5 for the images `index` of split/variant `key` (e.g. "train_flip")."""
+    idx = np.asarray(index)
+    return [torch.from_numpy(np.asarray(arrays[f"{name}_{key}"][idx], dtype=np.float32)) for name in MAP_NAMES]
+
+
+def load_dense_extractor(layout) -> DenseExtractor:
+    """The frozen dense extractor from the backbone stage's files (weights checked against the card)."""
+    from tasks.model import freeze, load_feature_extractor
+
+    return freeze(DenseExtractor(load_feature_extractor(layout).network, layout.card()))

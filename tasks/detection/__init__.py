@@ -1,0 +1,1 @@
+"""Object detection on the frozen backbone: data, head, training, evaluation and export (not stages)."""

@@ -1,0 +1,171 @@
+"""Training the detection head on the cached maps (the backbone never runs here).
+
+AdamW, a one-epoch linear warm-up then cosine decay, early stopping on the selection
+split's mAP (val when a test split scores; else a held-out slice of train, never val).
+Training images come twice when `dense.flip_train` cached their mirrored maps.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tasks.config import Params, UserError
+from tasks.dense import MAP_NAMES, flip_boxes, gather_maps, map_shapes
+from tasks.detection.metrics import coco_eval
+from tasks.detection.model import DetectionHead, Detector, loss_helper, make_anchors
+from tasks.layout import Dataset, Layout, Progress, holdout_split
+from tasks.preprocess import PreprocessingCard
+
+
+def ground_truth(annotations: dict, dataset: Dataset, split: str) -> list[dict]:
+    """Per image of `split`: boxes in original pixels, labels, difficult flags, size."""
+    out = []
+    for it in dataset.split(split):
+        a = annotations[it.path]
+        out.append({"boxes": np.asarray(a["boxes"], np.float32).reshape(-1, 4), "labels": np.asarray(a["labels"], np.int64),
+                    "difficult": np.asarray(a["difficult"], bool), "width": a["width"], "height": a["height"]})
+    return out
+
+
+def to_input(gt: dict, card: PreprocessingCard, flip: bool = False) -> dict[str, torch.Tensor]:
+    """A training target: boxes scaled to the input size (and mirrored for a flipped image)."""
+    h, w = card.input_size
+    boxes = gt["boxes"] * np.array([w / gt["width"], h / gt["height"]] * 2, np.float32)
+    if flip:
+        boxes = flip_boxes(boxes, w)
+    return {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(gt["labels"])}
+
+
+def to_original(boxes: np.ndarray, gt: dict, card: PreprocessingCard) -> np.ndarray:
+    """Boxes in input pixels -> the original image's pixels (plain resize: two scale factors, exact)."""
+    h, w = card.input_size
+    return boxes * np.array([gt["width"] / w, gt["height"] / h] * 2, np.float32)
+
+
+@torch.no_grad()
+def detect_cached(detector: Detector, maps: dict, key: str, index: list[int], card: PreprocessingCard,
+                  gts: list[dict], batch_size: int = 8) -> list[dict]:
+    """Detections (original pixels, padding dropped) for cached images `index` of `key` ("val", "train", ...)."""
+    detector.eval()
+    out = []
+    for s in range(0, len(index), batch_size):
+        chunk = index[s : s + batch_size]
+        boxes, scores, labels = detector.detect(gather_maps(maps, key, chunk))
+        for j, i in enumerate(chunk):
+            keep = scores[j] > 0
+            out.append({"boxes": to_original(boxes[j][keep].numpy(), gts[i], card), "scores": scores[j][keep].numpy(),
+                        "labels": labels[j][keep].numpy()})
+    return out
+
+
+def build_detector(card: PreprocessingCard, num_classes: int, params: Params, extractor=None) -> Detector:
+    d = params.detection
+    shapes = map_shapes(card)
+    anchors, _ = make_anchors(card.input_size, [(h, w) for _, h, w in shapes])
+    head = DetectionHead([c for c, _, _ in shapes], num_classes, d.width, d.num_convs)
+    return Detector(extractor, head, anchors, card.input_size, d.score_threshold, d.nms_threshold, d.pre_nms_top_k,
+                    d.max_detections)
+
+
+def train_detector(params: Params, layout: Layout, dataset: Dataset, annotations: dict,
+                   progress: Progress | None = None) -> tuple[Detector, list[dict], dict]:
+    d = params.detection
+    torch.manual_seed(d.seed)
+    gen = torch.Generator().manual_seed(d.seed)
+    card = layout.card()
+    maps = layout.feature_cache().load(mmap=True)
+    if f"{MAP_NAMES[0]}_train" not in maps:
+        raise UserError(f"{layout.features} holds no dense maps: re-run the features stage with task: detection")
+    classes = dataset.classes
+    train_gt = ground_truth(annotations, dataset, "train")
+    if dataset.selection == "val":
+        fit, sel_key, sel_index, sel_gt = list(range(len(train_gt))), "val", None, ground_truth(annotations, dataset, "val")
+        sel_index = list(range(len(sel_gt)))
+    else:
+        fit_idx, hold_idx = holdout_split(np.zeros(len(train_gt), np.int64), d.holdout_fraction, d.seed)
+        if len(hold_idx) == 0:
+            raise UserError("too few training images to hold out a selection set; add images or a test split")
+        fit, sel_key, sel_index, sel_gt = list(fit_idx), "train", list(hold_idx), train_gt
+    variants = ["train"] + (["train_flip"] if f"{MAP_NAMES[0]}_train_flip" in maps else [])
+    samples = [(v, i) for v in variants for i in fit]
+    targets = {(v, i): to_input(train_gt[i], card, flip=v == "train_flip") for v, i in samples}
+
+    detector = build_detector(card, len(classes), params)
+    fcos = loss_helper(detector.head)
+    anchors = detector.anchors
+    per_level = [h * w for _, h, w in map_shapes(card)]
+    opt = torch.optim.AdamW(detector.head.parameters(), lr=d.lr, weight_decay=d.weight_decay)
+    steps_per_epoch = math.ceil(len(samples) / d.batch_size)
+    total, warmup = d.epochs * steps_per_epoch, steps_per_epoch
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return 0.1 + 0.9 * step / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    history, best = [], (-1.0, 0, None)
+    bar = tqdm(range(1, d.epochs + 1), desc="train detection head", unit="ep", disable=None)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        detector.head.train()
+        order = torch.randperm(len(samples), generator=gen).tolist()
+        sums = {"classification": 0.0, "bbox_regression": 0.0, "bbox_ctrness": 0.0}
+        for s in range(0, len(order), d.batch_size):
+            batch = sorted((samples[j] for j in order[s : s + d.batch_size]))
+            parts = [gather_maps(maps, v, [i for vv, i in batch if vv == v]) for v in variants
+                     if any(vv == v for vv, _ in batch)]
+            level_maps = [torch.cat([p[k] for p in parts]) for k in range(len(MAP_NAMES))]
+            out = detector.head(level_maps)
+            losses = fcos.compute_loss([targets[b] for b in batch], out, [anchors] * len(batch), per_level)
+            loss = sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            for k, v in losses.items():
+                sums[k] += v.item() * len(batch)
+        dets = detect_cached(detector, maps, sel_key, sel_index, card, sel_gt)
+        score = coco_eval([sel_gt[i] for i in sel_index], dets, classes)
+        row = {"step": epoch, **{f"loss_{k}": v / len(samples) for k, v in sums.items()},
+               "select_map": score["map"], "select_ap50": score["ap50"], "lr": opt.param_groups[0]["lr"],
+               "seconds": round(time.perf_counter() - t0, 2)}
+        history.append(row)
+        bar.set_postfix(map=f"{score['map']:.3f}", ap50=f"{score['ap50']:.3f}")
+        if progress:
+            progress(epoch, d.epochs)
+        if score["map"] > best[0]:
+            best = (score["map"], epoch, copy.deepcopy(detector.head.state_dict()))
+        elif d.patience and epoch - best[1] >= d.patience:
+            break
+    detector.head.load_state_dict(best[2])
+    return detector.eval(), history, {"solver": "adamw", "best_epoch": best[1], "selection": dataset.selection,
+                                      "selection_map": best[0], "l2": None}
+
+
+HISTORY = ["step", "loss_classification", "loss_bbox_regression", "loss_bbox_ctrness", "select_map", "select_ap50",
+           "lr", "seconds"]
+
+
+def fit_and_save(params: Params, layout: Layout, progress: Progress | None = None) -> tuple:
+    """The train stage for detection: (checkpoint path, history, summary)."""
+    from tasks.detection.model import save_detector
+    from tasks.files import read_json
+
+    dataset = layout.dataset()
+    meta = read_json(layout.prepared / "dataset.json")
+    if meta.get("task") != "detection":
+        raise UserError(f"{layout.prepared} holds a {meta.get('task', 'classification')} dataset: re-run prepare "
+                        f"with task: detection")
+    annotations = read_json(layout.annotations)
+    detector, history, summary = train_detector(params, layout, dataset, annotations, progress)
+    extra = {**summary, "task": "detection", "manifest_sha256": dataset.manifest_sha256,
+             "annotations_sha256": meta["annotations_sha256"]}
+    path = save_detector(detector, layout, dataset.classes, params, extra)
+    return path, history, {k: v for k, v in extra.items() if not k.endswith("sha256")}

@@ -1,0 +1,146 @@
+"""The segmentation decoder and the whole segmenter: a light FPN-style decoder on the frozen maps.
+
+The decoder merges p3..p5 (strides 8/16/32) top-down, FPN-style, from torchvision's conv-BN-ReLU blocks, and gives
+class logits at stride 8. The exported graph upsamples those logits bilinearly to the input size and takes the
+argmax there:
+
+  images uint8 [N, H, W, 3] -> mask UINT8 [N, H, W] (class index at the input size)
+                               probabilities FP32 [N, C, H/8, W/8] (softmax at the head's resolution)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops.misc import Conv2dNormActivation
+
+from tasks.dense import DenseExtractor
+
+HEAD_STRIDE = 8  # the decoder's output resolution (that of p3)
+
+
+class SegmentationHead(nn.Module):
+    """Cached (or live) backbone maps [p3, p4, p5] -> class logits [N, C, H/8, W/8].
+
+    FPN-style, top-down, with the width where it is cheap: p5 and p4 meet at stride 16 (1x1 laterals, `width`
+    channels, one 3x3 conv-BN-ReLU), then that context meets p3 at stride 8 with a quarter of the channels (one
+    3x3 conv-BN-ReLU) before a 1x1 classifier. Most of a step's work is at stride 8, so that is kept narrow.
+    """
+
+    def __init__(self, in_channels: list[int], num_classes: int, width: int = 96):
+        super().__init__()
+        c3, c4, c5 = in_channels
+        fine = max(8, width // 3)
+        self.lateral5, self.lateral4 = nn.Conv2d(c5, width, 1), nn.Conv2d(c4, width, 1)
+        self.context = Conv2dNormActivation(width, width, 3)
+        self.lateral3, self.down = nn.Conv2d(c3, fine, 1), nn.Conv2d(width, fine, 1)
+        self.fuse = Conv2dNormActivation(fine, fine, 3)
+        self.classifier = nn.Conv2d(fine, num_classes, 1)
+        self.num_classes = num_classes
+
+    def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        p3, p4, p5 = maps
+        x = self.context(self.lateral4(p4) + upsample(self.lateral5(p5), p4.shape[-2:]))
+        y = self.fuse(self.lateral3(p3) + upsample(self.down(x), p3.shape[-2:]))
+        return self.classifier(y)
+
+
+def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Logits at the head's resolution -> `size` (the input, the loss grid or an original mask): the map covers
+    the whole image at every resolution (plain resize, no crop), so bilinear with align_corners=False is exact."""
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class Segmenter(nn.Module):
+    """uint8 pixels [N, H, W, 3] -> (mask uint8 [N, H, W], probabilities [N, C, H/8, W/8])."""
+
+    def __init__(self, extractor: DenseExtractor | None, head: SegmentationHead, input_size: tuple[int, int]):
+        super().__init__()
+        self.extractor, self.head = extractor, head
+        self.input_size = tuple(input_size)
+
+    def segment(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.head(maps)
+        mask = upsample(logits, self.input_size).argmax(1).to(torch.uint8)
+        return mask, torch.softmax(logits, 1)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.segment(self.extractor(pixels))
+
+
+@contextlib.contextmanager
+def cpu_threads() -> Iterator[int]:
+    """One intra-op thread when the CPU is oversubscribed (1-min load above 1.5x the cores), else torch's default.
+
+    Measured here under load ~10 on 2 cores: a decoder step took 2.2 s with two threads and 0.47 s with one (every
+    op ends at a barrier where a descheduled thread keeps the others waiting); on an idle machine two threads win.
+    """
+    before = torch.get_num_threads()
+    busy = os.getloadavg()[0] > 1.5 * (os.cpu_count() or 1)
+    if busy:
+        torch.set_num_threads(1)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+
+# ---------------------------------------------------------------- checkpoint
+
+
+def save_segmenter(segmenter: Segmenter, layout, classes: list[str], palette: list[list[int]], params,
+                   extra: dict) -> Path:
+    """model.pt (frozen backbone + head, weights_only-loadable), model.safetensors, head.pt, labels.json."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from tasks.files import atomic_files, write_json
+
+    card = layout.card()
+    backbone = torch.load(layout.weights, map_location="cpu", weights_only=True)
+    head = {k: v.detach().cpu().contiguous() for k, v in segmenter.head.state_dict().items()}
+    state = {**{f"extractor.network.{k}": v for k, v in backbone.items()}, **{f"head.{k}": v for k, v in head.items()}}
+    meta = json.loads(json.dumps({
+        "task": "segmentation", "card": card.to_dict(), "labels": classes, "palette": palette,
+        "segmentation": params.segmentation.model_dump(), "head": {"width": params.segmentation.width,
+                                                                   "stride": HEAD_STRIDE}, **extra}))
+    with atomic_files(layout.models) as tmp:
+        torch.save({"state_dict": state, "meta": meta}, tmp / layout.checkpoint.name)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"meta": json.dumps(meta)})
+        torch.save(head, tmp / layout.head.name)
+        write_json(tmp / "labels.json", classes)
+    return layout.checkpoint
+
+
+def load_segmenter(path: Path, with_backbone: bool = True) -> tuple[Segmenter, dict]:
+    """The segmenter from model.pt (weights_only); without the backbone when only cached maps will be scored."""
+    from tasks.dense import map_shapes
+    from tasks.layout import ArtifactError
+    from tasks.model import build_network, freeze
+    from tasks.preprocess import PreprocessingCard
+
+    if not path.exists():
+        raise ArtifactError(f"{path} not found: run the train stage first (dvc repro train)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    meta = ckpt["meta"]
+    if meta.get("task") != "segmentation":
+        raise ArtifactError(f"{path} holds a {meta.get('task', 'classification')} model: re-run train with "
+                            f"task: segmentation")
+    card = PreprocessingCard.from_dict(meta["card"])
+    head = SegmentationHead([c for c, _, _ in map_shapes(card)], len(meta["labels"]), meta["head"]["width"])
+    head.load_state_dict({k[5:]: v for k, v in ckpt["state_dict"].items() if k.startswith("head.")})
+    extractor = None
+    if with_backbone:
+        extractor = DenseExtractor(build_network(card.arch), card)
+        prefix = "extractor.network."
+        extractor.network.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items()
+                                           if k.startswith(prefix)})
+    return freeze(Segmenter(extractor, head, card.input_size)), meta

@@ -1,0 +1,221 @@
+"""Object detection end to end on tiny generated data: coloured rectangles on noise, two classes, VOC layout.
+
+The stages are the pipeline's own (prepare, backbone, features, train, evaluate, export) on a Layout in a
+tmp dir, with the real bundled backbone; the dataset is 48 non-square images, so the whole module runs in
+well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import project_copy, sh
+from tasks.config import parse_params
+from tasks.files import read_json, sha256_file
+
+CLASSES = ("blue", "red")
+SIZE = (160, 120)  # width, height of the generated images: not the model's input size, not square
+
+
+def voc_xml(name: str, size: tuple[int, int], objects: list[tuple[str, list[float]]]) -> str:
+    objs = "".join(
+        f"<object><name>{c}</name><difficult>0</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
+        f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for c, b in objects)
+    return (f"<annotation><filename>{name}</filename><size><width>{size[0]}</width><height>{size[1]}</height>"
+            f"<depth>3</depth></size>{objs}</annotation>")
+
+
+def make_voc(root: Path, n_train: int = 36, n_val: int = 12, seed: int = 0) -> Path:
+    """Each image: noise, then 1-2 filled rectangles (red or blue), boxes in VOC's 1-based inclusive pixels."""
+    rng = np.random.default_rng(seed)
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    w, h = SIZE
+    for split, n in (("train", n_train), ("val", n_val)):
+        ids = []
+        for i in range(n):
+            name = f"{split}_{i:03d}"
+            img = rng.integers(90, 170, (h, w, 3)).astype(np.uint8)
+            objects = []
+            for _ in range(int(rng.integers(1, 3))):
+                cls = CLASSES[int(rng.integers(0, 2))]
+                bw, bh = int(rng.integers(24, 48)), int(rng.integers(24, 48))
+                x, y = int(rng.integers(0, w - bw)), int(rng.integers(0, h - bh))
+                if any(not (x + bw < b[0] - 1 or b[2] < x or y + bh < b[1] - 1 or b[3] < y) for _, b in objects):
+                    continue  # no overlaps: every object fully visible
+                img[y:y + bh, x:x + bw] = (220, 30, 30) if cls == "red" else (30, 30, 220)
+                objects.append((cls, [x + 1, y + 1, x + bw, y + bh]))
+            Image.fromarray(img).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
+            (root / "Annotations" / f"{name}.xml").write_text(voc_xml(f"{name}.jpg", SIZE, objects))
+            ids.append(name)
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+DET_TRAIN = {"epochs": 24, "patience": 0, "batch_size": 8, "lr": 0.003}
+
+
+def det_params(root: Path):
+    return parse_params({"task": "detection", "data": {"dataset": "voc", "root": str(root)},
+                         "dense": {"input_size": [96, 128]}, "features": {"batch_size": 16}, "detection": DET_TRAIN})
+
+
+def make_voc_with_a_degenerate_box(root: Path) -> Path:
+    make_voc(root)
+    # one degenerate box, as published data has them: reported and dropped, the image kept
+    xml = root / "Annotations" / "train_000.xml"
+    xml.write_text(xml.read_text().replace("</annotation>", "<object><name>red</name><bndbox><xmin>50</xmin>"
+                                           "<ymin>40</ymin><xmax>50</xmax><ymax>60</ymax></bndbox></object></annotation>"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The whole pipeline for `task: detection` through real `dvc repro` on a copy of the project."""
+    from tasks.layout import Layout
+
+    repo = project_copy(tmp_path_factory.mktemp("det") / "repo", make_data=make_voc_with_a_degenerate_box,
+                        params_update={"task": "detection", "data": {"dataset": "voc", "root": "data/raw"},
+                                       "dense": {"input_size": [96, 128]}, "features": {"batch_size": 16},
+                                       "detection": DET_TRAIN})
+    out = sh(["dvc", "repro"], repo).stdout
+    assert "Running stage 'export'" in out and "parity" in out, out
+    assert json.loads(sh(["dvc", "status", "--json"], repo).stdout) == {}
+    return repo / "data" / "raw", det_params(repo / "data" / "raw"), Layout(repo), out
+
+
+def test_degenerate_boxes_are_reported_and_classes_come_from_the_data(trained):
+    root, params, layout, _ = trained
+    report = read_json(layout.prepared / "report.json")
+    assert [(Path(d["path"]).name, d["reason"][:15]) for d in report["dropped_boxes"]] == [("train_000.jpg", "degenerate box ")]
+    meta = read_json(layout.prepared / "dataset.json")
+    assert meta["classes"] == ["blue", "red"] and meta["task"] == "detection"
+    assert meta["counts"] == {"train": 36, "val": 12, "test": 0}
+
+
+def test_the_head_learns_the_rectangles(trained):
+    _, _, layout, out = trained
+    m = read_json(layout.metrics)
+    assert m["ap50"] >= 0.9, m
+    assert m["eval_split"] == "val" and m["model_selected_on"] == "train-holdout"
+    assert set(m["ap50_per_class"]) == {"blue", "red"}
+    for f in ("examples.png", "pr.png"):
+        assert (layout.evaluation / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "features: 48 images" in out and "evaluate: val n=12: mAP" in out
+
+
+def test_the_frozen_backbone_is_byte_identical_after_training(trained):
+    _, _, layout, _ = trained
+    weights = torch.load(layout.weights, weights_only=True)
+    assert json.loads(layout.card_json.read_text())["weights_sha256"] == sha256_file(layout.weights)
+    ckpt = torch.load(layout.checkpoint, weights_only=True)["state_dict"]
+    prefix = "extractor.network."
+    saved = {k[len(prefix):]: v for k, v in ckpt.items() if k.startswith(prefix)}
+    assert saved.keys() == weights.keys()
+    assert all(torch.equal(saved[k], weights[k]) for k in weights)  # BatchNorm running stats included
+
+
+def test_export_parity_holds_and_boxes_map_back_to_original_pixels(trained):
+    from tasks.preprocess import PreprocessingCard, load_image
+    from tasks.runtime import open_session
+
+    root, _, layout, _ = trained
+    parity = read_json(layout.parity)
+    assert parity["passed"] and parity["match_rate"] == 1.0 and parity["n"] == 12
+    session, _ = open_session(layout.model_onnx, device="cpu")
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["task"] == "detection" and json.loads(meta["labels"]) == ["blue", "red"]
+    card = PreprocessingCard.from_dict({k: v for k, v in json.loads(meta["preprocessing"]).items() if k != "input"})
+    assert card.resize_mode == "stretch" and card.input_size == (96, 128)
+
+    # A val image at its own size (160x120), not the input's (128x96): each ground-truth box is found
+    # again, in the original image's pixels, after the exact inverse of the resize.
+    ann = read_json(layout.annotations)
+    path = "JPEGImages/val_000.jpg"
+    boxes, scores, labels = session.run(["boxes", "scores", "labels"], {"images": load_image(root / path, card)[None]})
+    assert boxes.shape == (1, 100, 4) and scores.shape == (1, 100) and labels.dtype == np.int64
+    keep = scores[0] > 0.5
+    found = boxes[0][keep] * np.array([160 / 128, 120 / 96] * 2)
+    from torchvision.ops import box_iou
+
+    gt = np.array(ann[path]["boxes"], np.float32)
+    iou = box_iou(torch.from_numpy(gt), torch.from_numpy(found.astype(np.float32))).numpy()
+    assert (iou.max(axis=1) > 0.8).all(), (gt, found)
+    assert (labels[0][~keep][scores[0][~keep] == 0] == -1).all()  # padding rows
+
+
+def test_a_mismatched_task_is_a_clear_error(trained, tmp_path):
+    from tasks.config import ConfigError
+
+    with pytest.raises(ConfigError, match="not a detection dataset"):
+        parse_params({"task": "detection"})
+
+
+def test_the_server_answers_a_detection_request_in_original_pixels(trained, tmp_path):
+    """The exported detector, served by deploy/server.py: tritonclient (V2) and /v1/predict on a real image."""
+    import httpx
+    import tritonclient.http as http
+    from test_serve import ServerProcess
+
+    from tasks.preprocess import PreprocessingCard, load_image
+
+    root, _, layout, _ = trained
+    server = ServerProcess(layout.model_onnx, tmp_path / "server.log", "--model-name", "detector").wait_ready()
+    try:
+        card = PreprocessingCard.from_dict(json.loads(layout.card_json.read_text()))
+        path = root / "JPEGImages" / "val_001.jpg"
+        x = http.InferInput("images", [1, 96, 128, 3], "UINT8")
+        x.set_data_from_numpy(load_image(path, card)[None])
+        r = http.InferenceServerClient(server.url.removeprefix("http://")).infer("detector", [x])
+        boxes, scores, labels = (r.as_numpy(n) for n in ("boxes", "scores", "labels"))
+        assert boxes.shape == (1, 100, 4) and scores.shape == (1, 100) and labels.dtype == np.int64
+
+        with open(path, "rb") as f:
+            answer = httpx.post(f"{server.url}/v1/predict", params={"threshold": 0.5},
+                                files={"file": ("val_001.jpg", f, "image/jpeg")}, timeout=60).json()
+        pred = answer["predictions"][0]
+        assert (pred["width"], pred["height"]) == SIZE
+        found = sorted((d["label"], *np.round(d["box"])) for d in pred["detections"])
+        truth = read_json(layout.annotations)["JPEGImages/val_001.jpg"]
+        expected = sorted((CLASSES[k], *b) for k, b in zip(truth["labels"], truth["boxes"]))
+        assert len(found) == len(expected)
+        for f_, e in zip(found, expected):  # the same objects, in the 160x120 image's own pixels
+            assert f_[0] == e[0] and np.abs(np.array(f_[1:]) - np.array(e[1:])).max() <= 6, (found, expected)
+    finally:
+        server.stop()
+
+
+def test_coco_json_is_read_with_boxes_in_pixels_and_crowds_marked(tmp_path):
+    """COCO layout: annotations/instances_<split>.json + <split>/ images; bbox [x, y, w, h] -> [x1, y1, x2, y2]."""
+    from tasks import data
+    from tasks.layout import Layout
+
+    root = tmp_path / "coco"
+    for split, n in (("train", 3), ("val", 2)):
+        (root / split).mkdir(parents=True)
+        images, anns = [], []
+        for i in range(n):
+            Image.fromarray(np.full((60, 80, 3), 128, np.uint8)).save(root / split / f"{i}.jpg")
+            images.append({"id": 10 + i, "file_name": f"{i}.jpg", "width": 80, "height": 60})
+            anns.append({"id": len(anns) + 1, "image_id": 10 + i, "category_id": 7, "bbox": [5, 6, 20, 10], "iscrowd": 0})
+        anns.append({"id": 99, "image_id": 10, "category_id": 3, "bbox": [70, 50, 30, 30], "iscrowd": 1})  # clipped
+        anns.append({"id": 98, "image_id": 11, "category_id": 3, "bbox": [1, 1, 0, 5]})  # degenerate
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(
+            {"images": images, "annotations": anns, "categories": [{"id": 7, "name": "cat"}, {"id": 3, "name": "ant"}]}))
+    layout = Layout(tmp_path / "work")
+    r = data.run(parse_params({"task": "detection", "data": {"dataset": "coco", "root": str(root)}}), layout)
+    assert r.counts == {"train": 3, "val": 2, "test": 0}
+    meta = read_json(layout.prepared / "dataset.json")
+    assert meta["classes"] == ["ant", "cat"]
+    ann = read_json(layout.annotations)["train/0.jpg"]
+    assert ann["boxes"] == [[5.0, 6.0, 25.0, 16.0], [70.0, 50.0, 80.0, 60.0]] and ann["labels"] == [1, 0]
+    assert ann["difficult"] == [False, True] and (ann["width"], ann["height"]) == (80, 60)
+    dropped = read_json(layout.prepared / "report.json")["dropped_boxes"]
+    assert [(d["path"], d["reason"][:10]) for d in dropped] == [("train/1.jpg", "degenerate"), ("val/1.jpg", "degenerate")]
