@@ -113,7 +113,7 @@ def _reference(model, names):
     card_d = json.loads(meta["preprocessing"])
     card = PreprocessingCard.from_dict({k: v for k, v in card_d.items() if k in PreprocessingCard.__dataclass_fields__})
     pixels = np.stack([load_image(files[n], card) for n in names])
-    probs, _ = session.run(None, {"images": pixels})
+    probs = session.run(["probabilities"], {"images": pixels})[0]
     return pixels, probs, json.loads(meta["labels"])
 
 
