@@ -12,7 +12,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 help:
 	@echo "make run    - set up .venv, run the pipeline (dvc repro) on params.yaml, print a summary"
 	@echo "make test   - set up .venv, run the test suite"
-	@echo "make bench  - benchmarks (needs ../shared/datasets/hymenoptera)"
+	@echo "make bench  - benchmarks (needs ../shared/datasets: hymenoptera, bccd, camvid)"
 	@echo "make serve  - serve export/model.onnx on 127.0.0.1:8000 (Open Inference Protocol + /v1/predict)"
 	@echo "make image  - build the serving image (podman or docker; offline base image made first)"
 	@echo "make deployment-run - Prefect: server (if none answers), pool, deployments, worker; run transfer-learning/local"
@@ -46,6 +46,10 @@ bench: venv
 	python bench/train_speed.py ../shared/datasets/hymenoptera
 	python bench/inference.py ../shared/datasets/hymenoptera
 	python bench/serve_load.py
+	python bench/serve_memory.py
+	python bench/backbone_select.py ../shared/datasets/hymenoptera
+	python bench/detection.py ../shared/datasets/bccd
+	python bench/segmentation.py ../shared/datasets/camvid
 
 clean-artifacts:
 	rm -rf data/prepared features models reports
