@@ -13,6 +13,7 @@ for datasets larger than RAM. Horizontally flipped training images are cached be
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -117,3 +118,15 @@ def load_dense_extractor(layout) -> DenseExtractor:
     from tasks.model import freeze, load_feature_extractor
 
     return freeze(DenseExtractor(load_feature_extractor(layout).network, layout.card()))
+
+
+def warmup_cosine(opt: torch.optim.Optimizer, steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The dense heads' schedule: one epoch of linear warm-up from 10% of the rate, then cosine decay to zero."""
+    total, warmup = epochs * steps_per_epoch, steps_per_epoch
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return 0.1 + 0.9 * step / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_at)

@@ -12,6 +12,24 @@ TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64", "uint8": "TYPE_UI
                 "float16": "TYPE_FP16", "bool": "TYPE_BOOL"}
 
 
+def export_images_model(model, input_hw: tuple[int, int], path: Path, outputs: tuple[str, ...], opset: int) -> None:
+    """uint8 images [N, H, W, 3] -> named outputs, dynamic batch, one file (TorchScript exporter, static padding)."""
+    import warnings
+
+    import torch
+
+    from tasks.model import with_static_padding
+
+    h, w = input_hw
+    dummy = torch.zeros(2, h, w, 3, dtype=torch.uint8)
+    static = with_static_padding(model, dummy).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracing notes
+        torch.onnx.export(static, (dummy,), str(path), input_names=["images"], output_names=list(outputs),
+                          dynamic_axes={n: {0: "batch"} for n in ("images", *outputs)}, opset_version=max(opset, 11),
+                          dynamo=False)
+
+
 def version_of(package: str) -> str:
     try:
         return importlib_metadata.version(package)

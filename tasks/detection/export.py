@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,7 @@ import torch
 from tasks.config import Params
 from tasks.detection.model import Detector, load_detector
 from tasks.layout import ArtifactError, Layout
-from tasks.model import with_static_padding
-from tasks.onnxfile import set_metadata, triton_config, version_of, write_triton_model
+from tasks.onnxfile import export_images_model, set_metadata, triton_config, version_of, write_triton_model
 from tasks.preprocess import decoded_batches
 from tasks.runtime import open_session
 
@@ -31,14 +29,7 @@ OUTPUTS = ("boxes", "scores", "labels")
 
 
 def export_onnx(detector: Detector, path: Path, opset: int) -> None:
-    h, w = detector.input_size
-    dummy = torch.zeros(2, h, w, 3, dtype=torch.uint8)
-    model = with_static_padding(detector, dummy).eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracing notes
-        torch.onnx.export(model, (dummy,), str(path), input_names=["images"], output_names=list(OUTPUTS),
-                          dynamic_axes={n: {0: "batch"} for n in ("images", *OUTPUTS)}, opset_version=max(opset, 11),
-                          dynamo=False)
+    export_images_model(detector, detector.input_size, path, OUTPUTS, opset)
 
 
 def image_parity(onnx_out: tuple, torch_out: tuple, threshold: float, tolerance: float) -> tuple[bool, dict]:

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from tasks.config import Params, UserError
-from tasks.dense import MAP_NAMES, flip_boxes, gather_maps, map_shapes
+from tasks.dense import MAP_NAMES, flip_boxes, gather_maps, map_shapes, warmup_cosine
 from tasks.detection.metrics import coco_eval
 from tasks.detection.model import DetectionHead, Detector, loss_helper, make_anchors
 from tasks.layout import Dataset, Layout, Progress, holdout_split
@@ -101,15 +101,7 @@ def train_detector(params: Params, layout: Layout, dataset: Dataset, annotations
     anchors = detector.anchors
     per_level = [h * w for _, h, w in map_shapes(card)]
     opt = torch.optim.AdamW(detector.head.parameters(), lr=d.lr, weight_decay=d.weight_decay)
-    steps_per_epoch = math.ceil(len(samples) / d.batch_size)
-    total, warmup = d.epochs * steps_per_epoch, steps_per_epoch
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return 0.1 + 0.9 * step / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = warmup_cosine(opt, math.ceil(len(samples) / d.batch_size), d.epochs)
     history, best = [], (-1.0, 0, None)
     bar = tqdm(range(1, d.epochs + 1), desc="train detection head", unit="ep", disable=None)
     for epoch in bar:

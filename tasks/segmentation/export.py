@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,7 @@ import torch
 
 from tasks.config import Params
 from tasks.layout import ArtifactError, Layout
-from tasks.model import with_static_padding
-from tasks.onnxfile import set_metadata, triton_config, version_of, write_triton_model
+from tasks.onnxfile import export_images_model, set_metadata, triton_config, version_of, write_triton_model
 from tasks.preprocess import decoded_batches
 from tasks.runtime import open_session
 from tasks.segmentation.model import HEAD_STRIDE, Segmenter, cpu_threads, load_segmenter
@@ -32,14 +30,7 @@ MAX_PROB_DIFF = 1e-3  # and the largest |p_onnx - p_torch|
 
 
 def export_onnx(segmenter: Segmenter, path: Path, opset: int) -> None:
-    h, w = segmenter.input_size
-    dummy = torch.zeros(2, h, w, 3, dtype=torch.uint8)
-    model = with_static_padding(segmenter, dummy).eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracing notes
-        torch.onnx.export(model, (dummy,), str(path), input_names=["images"], output_names=list(OUTPUTS),
-                          dynamic_axes={n: {0: "batch"} for n in ("images", *OUTPUTS)}, opset_version=max(opset, 11),
-                          dynamo=False)
+    export_images_model(segmenter, segmenter.input_size, path, OUTPUTS, opset)
 
 
 def check_parity(path: Path, segmenter: Segmenter, batches) -> dict:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from tasks.config import Params, UserError
-from tasks.dense import MAP_NAMES, gather_maps, map_shapes
+from tasks.dense import MAP_NAMES, gather_maps, map_shapes, warmup_cosine
 from tasks.layout import Dataset, Layout, Progress, holdout_split
 from tasks.segmentation.data import IGNORE, ground_truth, load_mask
 from tasks.segmentation.metrics import confusion_matrix, scores
@@ -85,15 +85,7 @@ def train_segmenter(params: Params, layout: Layout, dataset: Dataset, progress: 
     head = SegmentationHead([c for c, _, _ in map_shapes(card)], len(classes), s.width)
     segmenter = Segmenter(None, head, card.input_size)
     opt = torch.optim.AdamW(head.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    steps_per_epoch = math.ceil(len(samples) / s.batch_size)
-    total, warmup = s.epochs * steps_per_epoch, steps_per_epoch
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return 0.1 + 0.9 * step / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = warmup_cosine(opt, math.ceil(len(samples) / s.batch_size), s.epochs)
     history, best = [], (-1.0, 0, None)
     bar = tqdm(range(1, s.epochs + 1), desc="train segmentation head", unit="ep", disable=None)
     for epoch in bar:
