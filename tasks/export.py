@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,12 +33,12 @@ from torch import nn
 
 from tasks.cli import stage_main
 from tasks.config import ExportParams, Params, UserError
-from tasks.files import atomic_dir, atomic_path, write_json, write_text
+from tasks.files import atomic_dir, write_json, write_text
 from tasks.layout import Dataset, Layout, Progress
 from tasks.model import Classifier, load_classifier, with_static_padding
 from tasks.ood import MahalanobisScore, load_ood
 from tasks.preprocess import PreprocessingCard, decoded_batches
-from tasks.onnxfile import set_metadata, version_of
+from tasks.onnxfile import set_metadata, version_of, write_triton_model
 from tasks.runtime import open_session
 INPUT, OUTPUTS = "images", ("probabilities", "logits")
 OOD_OUTPUT = "ood_score"
@@ -281,45 +280,37 @@ version_policy: {{ latest: {{ num_versions: 1 }} }}
 
 def write_triton_repo(model_path: Path, out_dir: Path, name: str, card: PreprocessingCard, labels: list[str],
                       max_batch_size: int, ood: bool = False) -> Path:
-    model_dir = out_dir / name
-    (model_dir / "1").mkdir(parents=True, exist_ok=True)
-    with atomic_path(model_dir / "1" / "model.onnx") as tmp:
-        shutil.copyfile(model_path, tmp)
-    write_text(model_dir / "labels.txt", "\n".join(labels) + "\n")
-    write_text(model_dir / "config.pbtxt", triton_config(name, card, len(labels), max_batch_size, ood))
-    return model_dir
+    return write_triton_model(model_path, out_dir, name, triton_config(name, card, len(labels), max_batch_size, ood),
+                              labels)
 
 
 # ---------------------------------------------------------------- stage
 
 
-def run_segmentation(params: Params, layout: Layout, t0: float) -> ExportResult:
-    from tasks.segmentation.export import export_segmentation
+def gate_failure(parity: dict) -> str:
+    """Why a dense model's parity gate failed, in the terms of its task."""
+    if "images_matching" in parity:
+        return (f"{parity['images_matching']} of {parity['n']} {parity['split']} images give the same detections in "
+                f"onnxruntime and PyTorch (min matched IoU {parity['min_matched_iou']:.4f}, max score difference "
+                f"{parity['max_score_diff']:.1e})")
+    return (f"{parity['pixel_agreement']:.4%} of pixels on {parity['n']} {parity['split']} images agree between "
+            f"onnxruntime and PyTorch (need {parity['min_pixel_agreement']:.1%}), max probability difference "
+            f"{parity['max_prob_diff']:.1e} (tolerance {parity['prob_tolerance']:.0e})")
+
+
+def run_dense(params: Params, layout: Layout, t0: float) -> ExportResult:
+    """Detection or segmentation: the task's export into a new export/, swapped in only when its parity gate passed."""
+    if params.task == "detection":
+        from tasks.detection.export import export_detection as export_task
+    else:
+        from tasks.segmentation.export import export_segmentation as export_task
 
     with atomic_dir(layout.export) as out:
-        parity = export_segmentation(params, layout, out)
+        parity = export_task(params, layout, out)
         write_json(layout.parity, parity)
         if not parity["passed"]:
-            raise ExportError(
-                f"parity gate failed on {parity['n']} {parity['split']} images: {parity['pixel_agreement']:.4%} of pixels "
-                f"agree between onnxruntime and PyTorch (need {parity['min_pixel_agreement']:.1%}), max probability "
-                f"difference {parity['max_prob_diff']:.1e} (tolerance {parity['prob_tolerance']:.0e}); the previous "
-                f"{layout.model_onnx} is kept (see {layout.parity})")
-    return ExportResult(layout.model_onnx, parity, None, layout.export / "triton" / params.export.triton_model_name,
-                        time.perf_counter() - t0)
-
-
-def run_detection(params: Params, layout: Layout, t0: float) -> ExportResult:
-    from tasks.detection.export import export_detection
-
-    with atomic_dir(layout.export) as out:
-        parity = export_detection(params, layout, out)
-        write_json(layout.parity, parity)
-        if not parity["passed"]:
-            raise ExportError(
-                f"parity gate failed: {parity['images_matching']} of {parity['n']} {parity['split']} images give the same "
-                f"detections in onnxruntime and PyTorch (min matched IoU {parity['min_matched_iou']:.4f}, max score "
-                f"difference {parity['max_score_diff']:.1e}); the previous {layout.model_onnx} is kept (see {layout.parity})")
+            raise ExportError(f"parity gate failed: {gate_failure(parity)}; the previous {layout.model_onnx} is kept "
+                              f"(see {layout.parity})")
     return ExportResult(layout.model_onnx, parity, None, layout.export / "triton" / params.export.triton_model_name,
                         time.perf_counter() - t0)
 
@@ -331,10 +322,8 @@ def run(params: Params, layout: Layout, progress: Progress | None = None) -> Exp
     reports/parity.json says why.
     """
     t0 = time.perf_counter()
-    if params.task == "detection":
-        return run_detection(params, layout, t0)
-    if params.task == "segmentation":
-        return run_segmentation(params, layout, t0)
+    if params.task != "classification":
+        return run_dense(params, layout, t0)
     p = params.export
     dataset = layout.dataset()
     classifier, meta = load_classifier(layout.classifier)
