@@ -83,7 +83,10 @@ def run(params: Params, layout: Layout, progress: Progress | None = None, export
         card_fields = {**card_fields, "extra": {**card_fields.get("extra", {}), "channels": channels,
                                                 "strides": list(STRIDES)}}
         feature_dim = 0
-    else:
+    else:  # how the pooled features are formed travels with the card (features.onnx and the exported model)
+        card_fields = {**card_fields, "extra": {**card_fields.get("extra", {}), "layers": params.features.layers,
+                                                "flip": params.features.flip}}
+        probe = PreprocessingCard(**{**card_fields, "feature_dim": 0})
         with torch.no_grad():
             feature_dim = int(FeatureExtractor(net, probe).eval()(torch.zeros(1, h, w, 3, dtype=torch.uint8)).shape[1])
     with atomic_dir(layout.backbone) as tmp:
@@ -102,6 +105,8 @@ def run(params: Params, layout: Layout, progress: Progress | None = None, export
 def describe(r: BackboneResult) -> str:
     c = r.card
     what = f"{c.feature_dim}-d features" if c.feature_dim else f"maps at strides {c.extra['strides']}"
+    if c.extra.get("layers") == "multi" or c.extra.get("flip"):
+        what += f" ({c.extra['layers']} layers{', mean with the mirror image' if c.extra['flip'] else ''})"
     return (f"backbone: {c.arch}, {what}, input {c.input_size[0]}x{c.input_size[1]} "
             f"(resize {c.resize_size}, {c.interpolation}), {r.seconds:.1f}s -> {r.out_dir}")
 

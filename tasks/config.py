@@ -125,6 +125,15 @@ class DetectionParams(Section):
     weight_decay: Annotated[Float, Field(ge=0.0)] = 0.0001
     patience: int = Field(8, ge=0)
     """Stop when the selection split's mAP has not improved for this many epochs; 0 = off."""
+    augment: bool = False
+    """Scale jitter + mirror + random offset per step, the frozen backbone run on every training batch (no
+    cached training maps: several times slower on a CPU)."""
+    scale_jitter: Annotated[list[Annotated[Float, Field(gt=0.0)]], BeforeValidator(_listify),
+                            Field(min_length=2, max_length=2)] = [0.75, 1.25]
+    """augment: each image scaled by a factor drawn from [low, high]."""
+    ema: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.0
+    """Decay per step of an exponential moving average of the head's weights, which is what is scored and
+    kept; 0 = off (the raw weights)."""
     holdout_fraction: Annotated[Float, Field(gt=0.0, lt=1.0)] = 0.1
     """Without a test split: share of train images held out to choose the epoch."""
     score_threshold: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.05
@@ -181,6 +190,12 @@ class FeaturesParams(Section):
     """auto: torch on CUDA when present, else onnxruntime on CPU (4-8x faster than torch eager here)."""
     decode_workers: int = Field(2, ge=1)
     """Threads that decode and resize images while the network runs."""
+    layers: Literal["last", "multi"] = "last"
+    """Classification: last = the backbone's pooled features; multi = every stage's pooled output concatenated
+    with them (Head2Toe-style, for data far from ImageNet; one pass, still computed once)."""
+    flip: bool = False
+    """Classification: average each image's features with its mirror image's (twice the backbone compute,
+    once; the exported model does the same)."""
 
 
 class TrainParams(Section):
@@ -272,6 +287,9 @@ class Params(Section):
         if self.data.dataset not in fits:
             raise ValueError(f"data.dataset: {self.data.dataset!r} is not a {self.task} dataset; "
                              f"with task: {self.task} use one of {', '.join(fits)}")
+        if self.task != "classification" and (self.features.layers != "last" or self.features.flip):
+            raise ValueError(f"features.layers / features.flip shape pooled classification features; with task: "
+                             f"{self.task} leave them at last / false (dense.flip_train mirrors training images)")
         return self
 
 

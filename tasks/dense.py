@@ -38,6 +38,23 @@ def _timm_indices(network: nn.Module) -> list[int]:
     return [reductions.index(s) for s in STRIDES]
 
 
+def stages_and_pooled(network: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Normalised NCHW input -> ([every stage's output map], the network's own pooled features), in one pass
+    (`features.layers: multi`). timm: every feature_info level (EfficientNet: strides 2 to 32); torchvision
+    ResNet: layer1 to layer3 (layer4's pooled map is the last features themselves)."""
+    if all(hasattr(network, f"layer{i}") for i in (2, 3, 4)):
+        n = network
+        c2 = n.layer1(n.maxpool(n.relu(n.bn1(n.conv1(x)))))
+        c3 = n.layer2(c2)
+        c4 = n.layer3(c3)
+        return [c2, c3, c4], torch.flatten(n.avgpool(n.layer4(c4)), 1)
+    if getattr(network, "feature_info", None) is None or not hasattr(network, "forward_intermediates"):
+        raise UserError("features.layers: multi needs a timm backbone with forward_intermediates, or a torchvision "
+                        "resnet; use features.layers: last")
+    last, maps = network.forward_intermediates(x, indices=list(range(len(network.feature_info))))
+    return list(maps), network.forward_head(last)
+
+
 class DenseExtractor(nn.Module):
     """uint8 [N, H, W, 3] RGB pixels -> [p3, p4, p5] feature maps (strides 8, 16, 32); normalisation inside."""
 
@@ -111,6 +128,48 @@ def gather_maps(arrays: dict[str, np.ndarray], key: str, index: Sequence[int]) -
     """float32 tensors of levels p3..p5 for the images `index` of split/variant `key` (e.g. "train_flip")."""
     idx = np.asarray(index)
     return [torch.from_numpy(np.asarray(arrays[f"{name}_{key}"][idx], dtype=np.float32)) for name in MAP_NAMES]
+
+
+def jitter(images: np.ndarray, rng: np.random.Generator, scale: Sequence[float], fill: Sequence[float]
+           ) -> tuple[np.ndarray, list[tuple]]:
+    """Per-step augmentation of uint8 images [N, H, W, 3] at the input size: each is scaled by s ~ U(scale),
+    placed at a random offset on a canvas of the same size (cropped when larger, the rest `fill`, the mean
+    colour) and mirrored with probability 1/2. Returns the images and each one's (sx, sy, dx, dy, flipped),
+    for `jitter_boxes`."""
+    n, h, w, _ = images.shape
+    out = np.empty_like(images)
+    out[:] = np.asarray(fill, np.float32).round().astype(np.uint8)
+    moves = []
+    for i in range(n):
+        s = float(rng.uniform(*scale))
+        sh, sw = max(1, round(h * s)), max(1, round(w * s))
+        x = torch.from_numpy(images[i]).permute(2, 0, 1)[None].float()
+        x = torch.nn.functional.interpolate(x, size=(sh, sw), mode="bilinear", align_corners=False, antialias=s < 1)
+        img = x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+        dy, dx = int(rng.integers(min(0, h - sh), max(0, h - sh) + 1)), int(rng.integers(min(0, w - sw), max(0, w - sw) + 1))
+        y0, x0 = max(dy, 0), max(dx, 0)  # where the scaled image lands on the canvas, and which part of it
+        y1, x1 = min(dy + sh, h), min(dx + sw, w)
+        out[i, y0:y1, x0:x1] = img[y0 - dy : y1 - dy, x0 - dx : x1 - dx]
+        flipped = bool(rng.random() < 0.5)
+        if flipped:
+            out[i] = out[i, :, ::-1]
+        moves.append((sw / w, sh / h, dx, dy, flipped))  # the scale factors the rounded size really has
+    return out, moves
+
+
+def jitter_boxes(boxes: np.ndarray, labels: np.ndarray, move: tuple, size: tuple[int, int],
+                 min_visible: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (input pixels, xyxy) through one `jitter` move: scaled, shifted, clipped to the canvas, mirrored.
+    A box with less than `min_visible` of its area left on the canvas, or under 2 px a side, is dropped."""
+    sx, sy, dx, dy, flipped = move
+    h, w = size
+    b = boxes * np.array([sx, sy, sx, sy], np.float32) + np.array([dx, dy, dx, dy], np.float32)
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    c = np.stack([b[:, 0].clip(0, w), b[:, 1].clip(0, h), b[:, 2].clip(0, w), b[:, 3].clip(0, h)], axis=1)
+    cw, ch = c[:, 2] - c[:, 0], c[:, 3] - c[:, 1]
+    keep = (cw >= 2) & (ch >= 2) & (cw * ch >= min_visible * np.maximum(area, 1e-9))
+    c, labels = c[keep].astype(np.float32), labels[keep]
+    return (flip_boxes(c, w) if flipped else c), labels
 
 
 def load_dense_extractor(layout) -> DenseExtractor:

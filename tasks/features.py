@@ -87,7 +87,13 @@ def run(params: Params, layout: Layout, progress: Progress | None = None, force:
     dataset = layout.dataset()
     card = layout.card()
     dense = params.task != "classification"
-    options = {"flip_train": params.dense.flip_train} if dense else None
+    if dense:
+        options = {"flip_train": params.dense.flip_train}
+    else:  # features.layers / features.flip, as the backbone stage recorded them in the card
+        from tasks.model import feature_options
+
+        layers, flip = feature_options(card)
+        options = None if (layers, flip) == ("last", False) else {"layers": layers, "flip": flip}
     if params.task == "segmentation":  # the masks, cached at the loss resolution beside the maps
         from tasks.segmentation.data import label_options
 

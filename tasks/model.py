@@ -58,7 +58,25 @@ class FeatureExtractor(nn.Module):
         return (x - self.mean) / self.std
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.network(self.normalize(pixels))
+        x = self.normalize(pixels)
+        layers, flip = feature_options(self.card)
+        embed = self.network if layers == "last" else self.multi
+        if flip:  # the mean with the mirrored image: still one vector per image, computed once
+            return (embed(x) + embed(x.flip(3))) / 2
+        return embed(x)
+
+    def multi(self, x: torch.Tensor) -> torch.Tensor:
+        """`features.layers: multi`: every stage's globally pooled output beside the last pooled features
+        (Head2Toe-style; one pass through the network)."""
+        from tasks.dense import stages_and_pooled
+
+        maps, pooled = stages_and_pooled(self.network, x)
+        return torch.cat([m.mean((2, 3)) for m in maps] + [pooled], dim=1)
+
+
+def feature_options(card: PreprocessingCard) -> tuple[str, bool]:
+    """(layers, flip) the card's features are computed with (`features.layers`, `features.flip`)."""
+    return card.extra.get("layers", "last"), bool(card.extra.get("flip", False))
 
 
 class Standardize(nn.Module):

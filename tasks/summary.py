@@ -21,7 +21,7 @@ def main(layout: Layout = Layout()) -> int:
         + ", ".join(f"{k} {v}" for k, v in data["counts"].items())
         + (f", {data['skipped']} file(s) skipped (data/prepared/report.json)" if data["skipped"] else ""),
         f"backbone  {card['arch']} ({card['source']}), "
-        + (f"{card['feature_dim']}-d features" if card["feature_dim"] else
+        + (f"{card['feature_dim']}-d features" + options(card["extra"]) if card["feature_dim"] else
            f"maps at strides {card['extra']['strides']}, input {card['input_size'][0]}x{card['input_size'][1]}"),
     ]
     if m.get("task", "classification") != "classification":
@@ -77,5 +77,12 @@ def dense_lines(m: dict, layout: Layout) -> list[str]:
     return lines
 
 
+def options(extra: dict) -> str:
+    """features.layers / features.flip, when not the plain last-layer features."""
+    parts = (["multi-layer"] if extra.get("layers") == "multi" else []) + (["mean with mirror"] if extra.get("flip") else [])
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 if __name__ == "__main__":
     sys.exit(main())
+

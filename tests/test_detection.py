@@ -219,3 +219,47 @@ def test_coco_json_is_read_with_boxes_in_pixels_and_crowds_marked(tmp_path):
     assert ann["difficult"] == [False, True] and (ann["width"], ann["height"]) == (80, 60)
     dropped = read_json(layout.prepared / "report.json")["dropped_boxes"]
     assert [(d["path"], d["reason"][:10]) for d in dropped] == [("train/1.jpg", "degenerate"), ("val/1.jpg", "degenerate")]
+
+
+def test_jitter_moves_the_boxes_with_the_pixels():
+    from tasks.dense import jitter, jitter_boxes
+
+    h, w = 96, 128
+    img = np.zeros((1, h, w, 3), np.uint8)
+    img[0, 30:60, 40:90] = 255
+    box, label = np.array([[40, 30, 90, 60]], np.float32), np.array([1])
+    seen = {"flipped": 0, "kept": 0, "dropped": 0}
+    for seed in range(40):
+        out, moves = jitter(img, np.random.default_rng(seed), (0.5, 1.6), (0, 0, 0))
+        assert out.shape == img.shape and out.dtype == np.uint8
+        boxes, labels = jitter_boxes(box, label, moves[0], (h, w))
+        ys, xs = np.nonzero(out[0, :, :, 0] > 127)
+        visible = len(xs) >= 0.3 * 50 * 30 * moves[0][0] * moves[0][1] - 2 * (50 + 30)
+        if len(boxes):
+            seen["kept"] += 1
+            assert labels.tolist() == [1]
+            np.testing.assert_allclose(boxes[0], [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], atol=1.5)
+        else:
+            seen["dropped"] += 1
+            assert not visible or len(xs) < 0.35 * 50 * 30 * moves[0][0] * moves[0][1]
+        seen["flipped"] += moves[0][4]
+    assert seen["kept"] > 20 and 5 < seen["flipped"] < 35
+
+
+def test_augmented_training_runs_the_backbone_every_step_and_still_learns(trained, monkeypatch):
+    from tasks.dense import DenseExtractor
+    from tasks.detection.metrics import coco_eval
+    from tasks.detection.train import detect_cached, ground_truth, train_detector
+
+    root, params, layout, _ = trained
+    monkeypatch.chdir(root.parents[1])  # the project: the manifest's image paths are relative to it
+    calls = []
+    forward = DenseExtractor.forward
+    monkeypatch.setattr(DenseExtractor, "forward", lambda self, x: calls.append(len(x)) or forward(self, x))
+    p = params.model_copy(update={"detection": params.detection.model_copy(update={"augment": True, "epochs": 16})})
+    dataset, annotations = layout.dataset(), read_json(layout.annotations)
+    detector, history, _ = train_detector(p, layout, dataset, annotations)
+    assert sum(calls) == 16 * 32  # every epoch, every training image (36 less the 4 held out), through the backbone
+    gt = ground_truth(annotations, dataset, "val")
+    dets = detect_cached(detector, layout.feature_cache().load(mmap=True), "val", list(range(len(gt))), layout.card(), gt)
+    assert coco_eval(gt, dets, dataset.classes)["ap50"] >= 0.85

@@ -114,3 +114,45 @@ def test_8_bit_images_decode_as_before_the_bit_depth_rescale(mode):
     before = before.convert("RGBA").convert("RGB") if before.mode == "P" else before.convert("RGB")
     expected = np.asarray(resize_center_crop(before, CARD.resize_size, CARD.input_size, CARD.interpolation))
     assert np.array_equal(load_image(data, CARD), expected)
+
+
+def test_multi_layer_and_flip_features_travel_with_the_card_into_the_exported_model(imagefolder, tmp_path):
+    """features.layers: multi + features.flip: the card records them, features.onnx and the exported
+    classifier compute them (parity gate), the cache key changes, and flipped images give the same vector."""
+    import onnxruntime as ort
+
+    from tasks import backbone, data, export, features, train
+    from tasks.config import parse_params
+    from tasks.layout import Layout
+
+    raw = {"data": {"dataset": "imagefolder", "root": str(imagefolder), "val_fraction": 0.25, "test_fraction": 0.25},
+           "features": {"batch_size": 8}}
+    plain, layout = parse_params(raw), Layout(tmp_path)
+    data.run(plain, layout)
+    backbone.run(plain, layout)
+    key_last = features.run(plain, layout).key
+    params = parse_params({**raw, "features": {"batch_size": 8, "layers": "multi", "flip": True}})
+    card = backbone.run(params, layout).card
+    assert card.extra["layers"] == "multi" and card.extra["flip"] is True
+    assert card.feature_dim == 16 + 24 + 40 + 112 + 320 + 1280  # Lite0's 5 stages' pooled maps, then its last features
+    f = features.run(params, layout)
+    assert not f.cached and f.key != key_last
+    assert layout.feature_cache().load()["x_train"].shape[1] == card.feature_dim
+
+    session = ort.InferenceSession(str(layout.features_onnx), providers=["CPUExecutionProvider"])
+    batch = np.random.default_rng(0).integers(0, 256, (2, *card.input_size, 3), dtype=np.uint8)
+    a, b = (session.run(["features"], {"images": x})[0] for x in (batch, np.ascontiguousarray(batch[:, :, ::-1])))
+    assert np.abs(a - b).max() < 1e-4 * max(1.0, np.abs(a).max())  # the mean over an image and its mirror
+
+    train.run(params, layout)
+    result = export.run(params, layout)
+    assert result.parity["passed"]
+    out = ort.InferenceSession(str(layout.model_onnx), providers=["CPUExecutionProvider"])
+    assert out.get_outputs()[0].shape[-1] == len(layout.dataset().classes)
+
+
+def test_feature_options_are_refused_for_dense_tasks():
+    from tasks.config import ConfigError, parse_params
+
+    with pytest.raises(ConfigError, match="features.layers / features.flip"):
+        parse_params({"task": "detection", "data": {"dataset": "voc"}, "features": {"layers": "multi"}})

@@ -64,6 +64,40 @@ def detect_cached(detector: Detector, maps: dict, key: str, index: list[int], ca
     return out
 
 
+class LiveBatches:
+    """`detection.augment`: training images decoded at the input size, jittered (scale, offset, mirror; see
+    tasks.dense.jitter) and run through the frozen backbone every step; boxes follow the same moves."""
+
+    def __init__(self, layout: Layout, dataset: Dataset, card: PreprocessingCard, gts: list[dict],
+                 scale: tuple[float, float], seed: int, workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tasks.dense import load_dense_extractor
+
+        self.extractor = load_dense_extractor(layout)
+        self.paths = [dataset.resolve(it) for it in dataset.split("train")]
+        self.card, self.gts, self.scale = card, gts, tuple(scale)
+        self.rng = np.random.default_rng(seed)
+        self.pool = ThreadPoolExecutor(workers)
+        self.fill = [255.0 * m for m in card.mean]
+
+    def __call__(self, index: list[int]) -> tuple[list[torch.Tensor], list[dict]]:
+        from tasks.dense import jitter, jitter_boxes
+        from tasks.preprocess import load_image
+
+        images = np.stack(list(self.pool.map(lambda i: load_image(self.paths[i], self.card), index)))
+        images, moves = jitter(images, self.rng, self.scale, self.fill)
+        targets = []
+        for i, move in zip(index, moves):
+            t = to_input(self.gts[i], self.card)
+            boxes, labels = jitter_boxes(t["boxes"].numpy(), t["labels"].numpy(), move, self.card.input_size)
+            targets.append({"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels)})
+        # Frozen: no graph through the backbone. (no_grad, not inference_mode: the head's backward saves these maps.)
+        with torch.no_grad():
+            maps = self.extractor(torch.from_numpy(images))
+        return list(maps), targets
+
+
 def build_detector(card: PreprocessingCard, num_classes: int, params: Params, extractor=None) -> Detector:
     d = params.detection
     shapes = map_shapes(card)
@@ -92,9 +126,20 @@ def train_detector(params: Params, layout: Layout, dataset: Dataset, annotations
         if len(hold_idx) == 0:
             raise UserError("too few training images to hold out a selection set; add images or a test split")
         fit, sel_key, sel_index, sel_gt = list(fit_idx), "train", list(hold_idx), train_gt
-    variants = ["train"] + (["train_flip"] if f"{MAP_NAMES[0]}_train_flip" in maps else [])
+    if d.augment:  # the backbone runs on jittered images every step; cached maps only score the selection split
+        variants = ["train"]
+        live = LiveBatches(layout, dataset, card, train_gt, d.scale_jitter, d.seed, params.features.decode_workers)
+    else:
+        variants = ["train"] + (["train_flip"] if f"{MAP_NAMES[0]}_train_flip" in maps else [])
     samples = [(v, i) for v in variants for i in fit]
     targets = {(v, i): to_input(train_gt[i], card, flip=v == "train_flip") for v, i in samples}
+
+    def batch_maps(batch: list[tuple[str, int]]) -> tuple[list[torch.Tensor], list[dict]]:
+        if d.augment:
+            return live([i for _, i in batch])
+        parts = [gather_maps(maps, v, [i for vv, i in batch if vv == v]) for v in variants
+                 if any(vv == v for vv, _ in batch)]
+        return [torch.cat([p[k] for p in parts]) for k in range(len(MAP_NAMES))], [targets[b] for b in batch]
 
     detector = build_detector(card, len(classes), params)
     fcos = loss_helper(detector.head)
@@ -102,6 +147,12 @@ def train_detector(params: Params, layout: Layout, dataset: Dataset, annotations
     per_level = [h * w for _, h, w in map_shapes(card)]
     opt = torch.optim.AdamW(detector.head.parameters(), lr=d.lr, weight_decay=d.weight_decay)
     sched = warmup_cosine(opt, math.ceil(len(samples) / d.batch_size), d.epochs)
+    ema = None
+    if d.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(detector.head, multi_avg_fn=get_ema_multi_avg_fn(d.ema), use_buffers=True)
+        scored = build_detector(card, len(classes), params)  # the averaged weights, scored and kept
     history, best = [], (-1.0, 0, None)
     bar = tqdm(range(1, d.epochs + 1), desc="train detection head", unit="ep", disable=None)
     for epoch in bar:
@@ -111,19 +162,23 @@ def train_detector(params: Params, layout: Layout, dataset: Dataset, annotations
         sums = {"classification": 0.0, "bbox_regression": 0.0, "bbox_ctrness": 0.0}
         for s in range(0, len(order), d.batch_size):
             batch = sorted((samples[j] for j in order[s : s + d.batch_size]))
-            parts = [gather_maps(maps, v, [i for vv, i in batch if vv == v]) for v in variants
-                     if any(vv == v for vv, _ in batch)]
-            level_maps = [torch.cat([p[k] for p in parts]) for k in range(len(MAP_NAMES))]
+            level_maps, batch_targets = batch_maps(batch)
             out = detector.head(level_maps)
-            losses = fcos.compute_loss([targets[b] for b in batch], out, [anchors] * len(batch), per_level)
+            losses = fcos.compute_loss(batch_targets, out, [anchors] * len(batch), per_level)
             loss = sum(losses.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update_parameters(detector.head)
             for k, v in losses.items():
                 sums[k] += v.item() * len(batch)
-        dets = detect_cached(detector, maps, sel_key, sel_index, card, sel_gt)
+        if ema is not None:
+            scored.head.load_state_dict(ema.module.state_dict())
+        else:
+            scored = detector
+        dets = detect_cached(scored, maps, sel_key, sel_index, card, sel_gt)
         score = coco_eval([sel_gt[i] for i in sel_index], dets, classes)
         row = {"step": epoch, **{f"loss_{k}": v / len(samples) for k, v in sums.items()},
                "select_map": score["map"], "select_ap50": score["ap50"], "lr": opt.param_groups[0]["lr"],
@@ -133,7 +188,7 @@ def train_detector(params: Params, layout: Layout, dataset: Dataset, annotations
         if progress:
             progress(epoch, d.epochs)
         if score["map"] > best[0]:
-            best = (score["map"], epoch, copy.deepcopy(detector.head.state_dict()))
+            best = (score["map"], epoch, copy.deepcopy(scored.head.state_dict()))
         elif d.patience and epoch - best[1] >= d.patience:
             break
     detector.head.load_state_dict(best[2])
