@@ -117,8 +117,8 @@ class DetectionParams(Section):
 
     width: int = Field(64, ge=8)
     """Channels of the FPN and the head."""
-    num_convs: int = Field(2, ge=0)
-    """Conv layers per head branch (torchvision's FCOS default is 4)."""
+    num_convs: int = Field(4, ge=0)
+    """Conv layers per head branch (torchvision's FCOS default, 4)."""
     epochs: int = Field(24, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: Annotated[Float, Field(gt=0.0)] = 0.002
@@ -131,9 +131,9 @@ class DetectionParams(Section):
     scale_jitter: Annotated[list[Annotated[Float, Field(gt=0.0)]], BeforeValidator(_listify),
                             Field(min_length=2, max_length=2)] = [0.75, 1.25]
     """augment: each image scaled by a factor drawn from [low, high]."""
-    ema: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.0
+    ema: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.99
     """Decay per step of an exponential moving average of the head's weights, which is what is scored and
-    kept; 0 = off (the raw weights)."""
+    kept (ramped up over the first steps: min(ema, (1 + step) / (10 + step))); 0 = off (the raw weights)."""
     holdout_fraction: Annotated[Float, Field(gt=0.0, lt=1.0)] = 0.1
     """Without a test split: share of train images held out to choose the epoch."""
     score_threshold: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.05

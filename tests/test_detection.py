@@ -256,10 +256,10 @@ def test_augmented_training_runs_the_backbone_every_step_and_still_learns(traine
     calls = []
     forward = DenseExtractor.forward
     monkeypatch.setattr(DenseExtractor, "forward", lambda self, x: calls.append(len(x)) or forward(self, x))
-    p = params.model_copy(update={"detection": params.detection.model_copy(update={"augment": True, "epochs": 16})})
+    p = params.model_copy(update={"detection": params.detection.model_copy(update={"augment": True, "epochs": 24, "num_convs": 2})})
     dataset, annotations = layout.dataset(), read_json(layout.annotations)
     detector, history, _ = train_detector(p, layout, dataset, annotations)
-    assert sum(calls) == 16 * 32  # every epoch, every training image (36 less the 4 held out), through the backbone
+    assert sum(calls) == 24 * 32  # every epoch, every training image (36 less the 4 held out), through the backbone
     gt = ground_truth(annotations, dataset, "val")
     dets = detect_cached(detector, layout.feature_cache().load(mmap=True), "val", list(range(len(gt))), layout.card(), gt)
     assert coco_eval(gt, dets, dataset.classes)["ap50"] >= 0.85

@@ -1,8 +1,11 @@
-"""Training the detection head on the cached maps (the backbone never runs here).
+"""Training the detection head on the cached maps (the backbone never runs here, unless `detection.augment`).
 
 AdamW, a one-epoch linear warm-up then cosine decay, early stopping on the selection
 split's mAP (val when a test split scores; else a held-out slice of train, never val).
 Training images come twice when `dense.flip_train` cached their mirrored maps.
+`detection.ema`: the selection split scores (and the checkpoint keeps) an exponential moving
+average of the head's weights. `detection.augment`: scale jitter, random offset and mirror per
+step, through the frozen backbone (LiveBatches); the cached maps then only score the selection split.
 """
 
 from __future__ import annotations
@@ -149,9 +152,14 @@ def train_detector(params: Params, layout: Layout, dataset: Dataset, annotations
     sched = warmup_cosine(opt, math.ceil(len(samples) / d.batch_size), d.epochs)
     ema = None
     if d.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from torch.optim.swa_utils import AveragedModel
 
-        ema = AveragedModel(detector.head, multi_avg_fn=get_ema_multi_avg_fn(d.ema), use_buffers=True)
+        def average(mean: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+            # TF's ramp: the decay grows to d.ema over the first steps, so a short run is not the init's average
+            decay = min(d.ema, (1.0 + float(n)) / (10.0 + float(n)))
+            return decay * mean + (1.0 - decay) * current
+
+        ema = AveragedModel(detector.head, avg_fn=average, use_buffers=True)
         scored = build_detector(card, len(classes), params)  # the averaged weights, scored and kept
     history, best = [], (-1.0, 0, None)
     bar = tqdm(range(1, d.epochs + 1), desc="train detection head", unit="ep", disable=None)
@@ -191,6 +199,8 @@ def train_detector(params: Params, layout: Layout, dataset: Dataset, annotations
             best = (score["map"], epoch, copy.deepcopy(scored.head.state_dict()))
         elif d.patience and epoch - best[1] >= d.patience:
             break
+    if d.augment:
+        live.pool.shutdown()
     detector.head.load_state_dict(best[2])
     return detector.eval(), history, {"solver": "adamw", "best_epoch": best[1], "selection": dataset.selection,
                                       "selection_map": best[0], "l2": None}
