@@ -48,6 +48,8 @@ bench: venv
 	python bench/serve_load.py
 	python bench/serve_memory.py
 	python bench/backbone_select.py ../shared/datasets/hymenoptera
+	python bench/backbone_select.py digits --far ../shared/datasets/hymenoptera
+	python bench/feature_options.py digits ../shared/datasets/hymenoptera
 	python bench/detection.py ../shared/datasets/bccd
 	python bench/segmentation.py ../shared/datasets/camvid
 

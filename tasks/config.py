@@ -180,7 +180,7 @@ class SelectParams(Section):
     """auto picks the most accurate candidate whose onnxruntime batch-1 latency here is within this; null = no budget."""
     folds: int = Field(5, ge=2)
     """Cross-validation folds of the probe (stratified)."""
-    repeats: int = Field(3, ge=1)
+    repeats: int = Field(2, ge=1)
     """The k-fold probe is repeated with this many fold assignments (its mean is then steadier)."""
 
 

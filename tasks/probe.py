@@ -43,7 +43,8 @@ def one_thread() -> Iterator[None]:
 
 
 def logme_evidence(f: np.ndarray, t: np.ndarray, max_iter: int = 100, tol: float = 1e-8,
-                   pad_spectrum: bool = True) -> tuple[float, float, float]:
+                   pad_spectrum: bool = True, svd: tuple[np.ndarray, np.ndarray] | None = None
+                   ) -> tuple[float, float, float]:
     """(log evidence / N, alpha, beta) of t [N] given features f [N, D], at the fixed point of MacKay's updates.
 
     Model: t = f w + noise, w ~ N(0, I / alpha), noise ~ N(0, 1 / beta). With m the posterior mean,
@@ -52,12 +53,13 @@ def logme_evidence(f: np.ndarray, t: np.ndarray, max_iter: int = 100, tol: float
     Everything comes from one thin SVD of F (k = min(N, D) singular values). When N < D, F^T F has
     D - N more eigenvalues, all zero: each adds log(alpha) to log|A|. The reference implementation sums
     over the k computed ones only, which is wrong for N < D; `pad_spectrum` (the default) pads the
-    spectrum with those zeros (False reproduces the reference bug, for the tests).
+    spectrum with those zeros (False reproduces the reference bug, for the tests). `svd`: (U, s) of f,
+    when the caller scores several targets against the same features (one SVD instead of one per class).
     """
     f = np.asarray(f, dtype=np.float64)
     t = np.asarray(t, dtype=np.float64)
     n, d = f.shape
-    u, s, _ = np.linalg.svd(f, full_matrices=False)
+    u, s = svd if svd is not None else np.linalg.svd(f, full_matrices=False)[:2]
     sigma = s ** 2  # the k non-trivial eigenvalues of F^T F
     x2 = (u.T @ t) ** 2  # t in F's column space, per singular direction
     res_x2 = max(float(t @ t - x2.sum()), 0.0)  # the part of t outside F's column space: never fitted
@@ -91,7 +93,9 @@ def logme(f: np.ndarray, y: np.ndarray) -> float:
     """LogME of features f [N, D] for integer labels y [N]: the mean over classes of the per-sample evidence
     of the one-hot column. Comparable across backbones on the same data (higher = more transferable)."""
     y = np.asarray(y)
-    return float(np.mean([logme_evidence(f, (y == c).astype(np.float64))[0] for c in np.unique(y)]))
+    f = np.asarray(f, dtype=np.float64)
+    svd = np.linalg.svd(f, full_matrices=False)[:2]  # shared by every class's evidence
+    return float(np.mean([logme_evidence(f, (y == c).astype(np.float64), svd=svd)[0] for c in np.unique(y)]))
 
 
 # ---------------------------------------------------------------- k-fold probe

@@ -150,7 +150,7 @@ def train_detector(params: Params, layout: Layout, dataset: Dataset, annotations
     per_level = [h * w for _, h, w in map_shapes(card)]
     opt = torch.optim.AdamW(detector.head.parameters(), lr=d.lr, weight_decay=d.weight_decay)
     sched = warmup_cosine(opt, math.ceil(len(samples) / d.batch_size), d.epochs)
-    ema = None
+    ema, scored = None, detector  # scored: the weights the selection split scores and the checkpoint keeps
     if d.ema:
         from torch.optim.swa_utils import AveragedModel
 
@@ -160,7 +160,7 @@ def train_detector(params: Params, layout: Layout, dataset: Dataset, annotations
             return decay * mean + (1.0 - decay) * current
 
         ema = AveragedModel(detector.head, avg_fn=average, use_buffers=True)
-        scored = build_detector(card, len(classes), params)  # the averaged weights, scored and kept
+        scored = build_detector(card, len(classes), params)  # holds the averaged weights
     history, best = [], (-1.0, 0, None)
     bar = tqdm(range(1, d.epochs + 1), desc="train detection head", unit="ep", disable=None)
     for epoch in bar:
@@ -184,8 +184,6 @@ def train_detector(params: Params, layout: Layout, dataset: Dataset, annotations
                 sums[k] += v.item() * len(batch)
         if ema is not None:
             scored.head.load_state_dict(ema.module.state_dict())
-        else:
-            scored = detector
         dets = detect_cached(scored, maps, sel_key, sel_index, card, sel_gt)
         score = coco_eval([sel_gt[i] for i in sel_index], dets, classes)
         row = {"step": epoch, **{f"loss_{k}": v / len(samples) for k, v in sums.items()},
