@@ -26,20 +26,13 @@ sys.path.insert(0, str(ROOT))
 OPTIONS = [("last", False), ("multi", False), ("last", True), ("multi", True)]
 
 
-def data_params(dataset: str) -> dict:
-    if dataset == "digits":
-        return {"dataset": "digits"}
-    root = Path(dataset)
-    if not root.is_dir():
-        sys.exit(f"{root} not found (the shared hymenoptera set lives in ../shared/datasets/hymenoptera)")
-    return {"dataset": "imagefolder", "root": str(root.resolve())}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", nargs="*", default=["digits", str(ROOT.parent / "shared" / "datasets" / "hymenoptera")])
     ap.add_argument("--backbone", default="efficientnet_lite0")
     args = ap.parse_args()
+
+    from backbone_select import data_params  # bench/ is this script's folder, first on the path
 
     from tasks import backbone, data, evaluate, features, train
     from tasks.config import parse_params
