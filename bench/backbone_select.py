@@ -78,18 +78,27 @@ def ood_rates(layout, far_root: Path | None) -> dict:
 
 
 def main() -> None:
+    args = parse_args()
+    if args.work is not None:
+        return run(args, args.work)
+    with tempfile.TemporaryDirectory(prefix="bench-select-") as tmp:  # ~300 MB of features and models per run
+        return run(args, Path(tmp))
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("data", help="an ImageFolder root, or 'digits'")
     ap.add_argument("--far", type=Path, help="a dataset unlike the data (OOD check of the exported model)")
     ap.add_argument("--candidates", nargs="+", default=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
-    ap.add_argument("--work", type=Path, help="working directory (default: a temporary one)")
-    args = ap.parse_args()
+    ap.add_argument("--work", type=Path, help="working directory, kept (default: a temporary one, removed)")
+    return ap.parse_args()
 
+
+def run(args: argparse.Namespace, work: Path) -> None:
     from tasks import backbone, data, evaluate, export, features, select, train
     from tasks.config import parse_params
     from tasks.layout import Layout
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench-select-"))
     base = {"data": data_params(args.data), "select": {"candidates": args.candidates}}
     prepared = Layout(work / "prepared")
     data.run(parse_params(base), prepared)
