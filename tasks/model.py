@@ -68,10 +68,25 @@ class FeatureExtractor(nn.Module):
     def multi(self, x: torch.Tensor) -> torch.Tensor:
         """`features.layers: multi`: every stage's globally pooled output beside the last pooled features
         (Head2Toe-style; one pass through the network)."""
-        from tasks.dense import stages_and_pooled
-
         maps, pooled = stages_and_pooled(self.network, x)
         return torch.cat([m.mean((2, 3)) for m in maps] + [pooled], dim=1)
+
+
+def stages_and_pooled(network: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Normalised NCHW input -> ([every stage's output map], the network's own pooled features), in one pass
+    (`features.layers: multi`). timm: every feature_info level (EfficientNet: strides 2 to 32); torchvision
+    ResNet: layer1 to layer3 (layer4's pooled map is the last features themselves)."""
+    if all(hasattr(network, f"layer{i}") for i in (2, 3, 4)):
+        n = network
+        c2 = n.layer1(n.maxpool(n.relu(n.bn1(n.conv1(x)))))
+        c3 = n.layer2(c2)
+        c4 = n.layer3(c3)
+        return [c2, c3, c4], torch.flatten(n.avgpool(n.layer4(c4)), 1)
+    if getattr(network, "feature_info", None) is None or not hasattr(network, "forward_intermediates"):
+        raise UserError("features.layers: multi needs a timm backbone with forward_intermediates, or a torchvision "
+                        "resnet; use features.layers: last")
+    last, maps = network.forward_intermediates(x, indices=list(range(len(network.feature_info))))
+    return list(maps), network.forward_head(last)
 
 
 def feature_options(card: PreprocessingCard) -> tuple[str, bool]:

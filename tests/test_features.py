@@ -156,3 +156,19 @@ def test_feature_options_are_refused_for_dense_tasks():
 
     with pytest.raises(ConfigError, match="features.layers / features.flip"):
         parse_params({"task": "detection", "data": {"dataset": "voc"}, "features": {"layers": "multi"}})
+
+
+def test_multi_layer_features_of_a_resnet_are_its_stages_then_its_pooled_features():
+    import torch
+
+    from tasks.model import FeatureExtractor, build_network
+
+    net = build_network("torchvision:resnet18").eval()  # untrained weights: only the shapes and the last part matter
+    card = PreprocessingCard(input_size=(64, 64), resize_size=64, interpolation="bilinear", mean=(0.5,) * 3,
+                             std=(0.5,) * 3, extra={"layers": "multi", "flip": False})
+    pixels = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        multi = FeatureExtractor(net, card)(pixels)
+        last = FeatureExtractor(net, PreprocessingCard(**{**card.to_dict(), "extra": {}}))(pixels)
+    assert multi.shape == (2, 64 + 128 + 256 + 512)
+    torch.testing.assert_close(multi[:, -512:], last)
