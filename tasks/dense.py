@@ -14,6 +14,7 @@ for datasets larger than RAM. Horizontally flipped training images are cached be
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from tasks.config import UserError
+from tasks.model import FeatureExtractor
 from tasks.preprocess import PreprocessingCard
 
 STRIDES = (8, 16, 32)
@@ -38,20 +40,17 @@ def _timm_indices(network: nn.Module) -> list[int]:
     return [reductions.index(s) for s in STRIDES]
 
 
-class DenseExtractor(nn.Module):
-    """uint8 [N, H, W, 3] RGB pixels -> [p3, p4, p5] feature maps (strides 8, 16, 32); normalisation inside."""
+class DenseExtractor(FeatureExtractor):
+    """uint8 [N, H, W, 3] RGB pixels -> [p3, p4, p5] feature maps (strides 8, 16, 32); the classifier's
+    extractor (same weights, same normalisation inside) stopped at the maps instead of pooling."""
 
     def __init__(self, network: nn.Module, card: PreprocessingCard):
-        super().__init__()
-        self.network = network
-        self.card = card
-        self.register_buffer("mean", torch.tensor(card.mean).mul(255.0).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(card.std).mul(255.0).view(1, 3, 1, 1), persistent=False)
+        super().__init__(network, card)
         self.resnet = all(hasattr(network, f"layer{i}") for i in (2, 3, 4))
         self.indices = None if self.resnet else _timm_indices(network)
 
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        x = (pixels.permute(0, 3, 1, 2).to(self.mean.dtype) - self.mean) / self.std
+        x = self.normalize(pixels)
         if self.resnet:
             n = self.network
             x = n.layer1(n.maxpool(n.relu(n.bn1(n.conv1(x)))))
@@ -160,6 +159,55 @@ def load_dense_extractor(layout) -> DenseExtractor:
     from tasks.model import freeze, load_feature_extractor
 
     return freeze(DenseExtractor(load_feature_extractor(layout).network, layout.card()))
+
+
+# ---------------------------------------------------------------- checkpoints of the dense tasks
+
+BACKBONE_PREFIX = "extractor.network."
+
+
+def save_dense_model(layout, head: nn.Module, classes: list[str], meta: dict) -> Path:
+    """model.pt (frozen backbone + head, weights_only-loadable), model.safetensors, head.pt, labels.json,
+    written together; `meta` (JSON-able) is stored in model.pt and the safetensors header."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from tasks.files import atomic_files, write_json
+
+    backbone = torch.load(layout.weights, map_location="cpu", weights_only=True)
+    head_state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    state = {**{BACKBONE_PREFIX + k: v for k, v in backbone.items()}, **{f"head.{k}": v for k, v in head_state.items()}}
+    meta = json.loads(json.dumps(meta))
+    with atomic_files(layout.models) as tmp:
+        torch.save({"state_dict": state, "meta": meta}, tmp / layout.checkpoint.name)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"meta": json.dumps(meta)})
+        torch.save(head_state, tmp / layout.head.name)
+        write_json(tmp / "labels.json", classes)
+    return layout.checkpoint
+
+
+def load_dense_model(path: Path, task: str, with_backbone: bool
+                     ) -> tuple[dict, PreprocessingCard, dict, DenseExtractor | None]:
+    """(meta, card, head state dict, frozen extractor or None) from a dense task's model.pt (weights_only)."""
+    from tasks.layout import ArtifactError
+    from tasks.model import build_network, freeze
+
+    if not path.exists():
+        raise ArtifactError(f"{path} not found: run the train stage first (dvc repro train)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    meta = ckpt["meta"]
+    if meta.get("task") != task:
+        raise ArtifactError(f"{path} holds a {meta.get('task', 'classification')} model: re-run train with task: {task}")
+    card = PreprocessingCard.from_dict(meta["card"])
+    head_state = {k[5:]: v for k, v in ckpt["state_dict"].items() if k.startswith("head.")}
+    extractor = None
+    if with_backbone:
+        extractor = DenseExtractor(build_network(card.arch), card)
+        extractor.network.load_state_dict({k[len(BACKBONE_PREFIX):]: v for k, v in ckpt["state_dict"].items()
+                                           if k.startswith(BACKBONE_PREFIX)})
+        freeze(extractor)
+    return meta, card, head_state, extractor
 
 
 def warmup_cosine(opt: torch.optim.Optimizer, steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -39,6 +39,7 @@ from tasks.model import Classifier, load_classifier, with_static_padding
 from tasks.ood import MahalanobisScore, load_ood
 from tasks.preprocess import PreprocessingCard, decoded_batches
 from tasks.onnxfile import set_metadata, version_of, write_triton_model
+from tasks.onnxfile import triton_config as onnxfile_triton_config
 from tasks.runtime import open_session
 INPUT, OUTPUTS = "images", ("probabilities", "logits")
 OOD_OUTPUT = "ood_score"
@@ -233,49 +234,14 @@ def try_int8(fp32_path: Path, out_path: Path, dataset: Dataset, split: str, card
 
 
 def triton_config(name: str, card: PreprocessingCard, num_classes: int, max_batch_size: int, ood: bool = False) -> str:
+    outputs = [(OUTPUTS[0], "float32", [num_classes]), (OUTPUTS[1], "float32", [num_classes])]
+    if ood:
+        outputs.append((OOD_OUTPUT, "float32", []))  # [N]: one score per image
     h, w = card.input_size
-    # ood_score is [N]: Triton batches a dims [ 1 ] tensor, reshaped to the model's batch-only shape.
-    ood_output = (f',\n  {{\n    name: "{OOD_OUTPUT}"\n    data_type: TYPE_FP32\n    dims: [ 1 ]\n'
-                  '    reshape: { shape: [ ] }\n  }') if ood else ""
-    preferred = sorted({b for b in (4, 8, 16, 32, 64) if b <= max_batch_size} | {max_batch_size})
-    return f"""# Triton Inference Server model configuration (written by tlcv's export stage).
-# Input: uint8 RGB pixels, already resized to {card.resize_size} (shorter side, {card.interpolation}) and
-# centre-cropped to {h}x{w}; normalisation happens inside the model.
-name: "{name}"
-platform: "onnxruntime_onnx"
-max_batch_size: {max_batch_size}
-input [
-  {{
-    name: "{INPUT}"
-    data_type: TYPE_UINT8
-    dims: [ {h}, {w}, 3 ]
-  }}
-]
-output [
-  {{
-    name: "{OUTPUTS[0]}"
-    data_type: TYPE_FP32
-    dims: [ {num_classes} ]
-    label_filename: "labels.txt"
-  }},
-  {{
-    name: "{OUTPUTS[1]}"
-    data_type: TYPE_FP32
-    dims: [ {num_classes} ]
-  }}{ood_output}
-]
-dynamic_batching {{
-  preferred_batch_size: [ {", ".join(str(b) for b in preferred)} ]
-  max_queue_delay_microseconds: 2000
-}}
-instance_group [
-  {{
-    kind: KIND_AUTO
-    count: 1
-  }}
-]
-version_policy: {{ latest: {{ num_versions: 1 }} }}
-"""
+    return onnxfile_triton_config(
+        name, card.input_size, outputs, max_batch_size, label_output=OUTPUTS[0],
+        comment=f"Input: uint8 RGB pixels, already resized to {card.resize_size} (shorter side, {card.interpolation}) "
+                f"and\n# centre-cropped to {h}x{w}; normalisation happens inside the model.")
 
 
 def write_triton_repo(model_path: Path, out_dir: Path, name: str, card: PreprocessingCard, labels: list[str],

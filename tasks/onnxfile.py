@@ -54,11 +54,13 @@ def set_metadata(path: Path, props: dict[str, str]) -> None:
 
 def triton_config(name: str, input_hw: tuple[int, int], outputs: list[tuple[str, str, list[int]]],
                   max_batch_size: int, comment: str, label_output: str | None = None) -> str:
-    """config.pbtxt for an onnxruntime model taking uint8 images [N, H, W, 3]; outputs (name, numpy dtype, dims)."""
+    """config.pbtxt for an onnxruntime model taking uint8 images [N, H, W, 3]; outputs (name, numpy dtype, dims).
+    A batch-only output (dims []) is declared dims [ 1 ], reshaped to the model's shape [N]."""
     h, w = input_hw
     preferred = sorted({b for b in (4, 8, 16, 32, 64) if b <= max_batch_size} | {max_batch_size})
     outs = ",\n".join(
-        f'  {{\n    name: "{n}"\n    data_type: {TRITON_TYPES[dt]}\n    dims: [ {", ".join(str(d) for d in dims)} ]\n'
+        f'  {{\n    name: "{n}"\n    data_type: {TRITON_TYPES[dt]}\n    dims: [ {", ".join(str(d) for d in dims or [1])} ]\n'
+        + ("" if dims else "    reshape: { shape: [ ] }\n")
         + ('    label_filename: "labels.txt"\n' if n == label_output else "") + "  }" for n, dt, dims in outputs)
     return f"""# Triton Inference Server model configuration (written by tlcv's export stage).
 # {comment}

@@ -20,7 +20,13 @@ from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FeaturePyramidNetwork, nms
 
-from tasks.dense import STRIDES, DenseExtractor
+from tasks.dense import (
+    STRIDES,
+    DenseExtractor,
+    load_dense_model,
+    map_shapes,
+    save_dense_model,
+)
 
 
 class DetectionHead(nn.Module):
@@ -110,53 +116,22 @@ class Detector(nn.Module):
 
 def save_detector(detector: Detector, layout, classes: list[str], params, extra: dict) -> Path:
     """model.pt (frozen backbone + head, weights_only-loadable), model.safetensors, head.pt, labels.json."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from tasks.files import atomic_files, write_json
-
-    card = layout.card()
-    backbone = torch.load(layout.weights, map_location="cpu", weights_only=True)
-    head = {k: v.detach().cpu().contiguous() for k, v in detector.head.state_dict().items()}
-    state = {**{f"extractor.network.{k}": v for k, v in backbone.items()}, **{f"head.{k}": v for k, v in head.items()}}
     d = params.detection
-    meta = json.loads(json.dumps({
-        "task": "detection", "card": card.to_dict(), "labels": classes, "detection": params.detection.model_dump(),
-        "head": {"width": d.width, "num_convs": d.num_convs}, **extra}))
-    with atomic_files(layout.models) as tmp:
-        torch.save({"state_dict": state, "meta": meta}, tmp / layout.checkpoint.name)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"meta": json.dumps(meta)})
-        torch.save(head, tmp / layout.head.name)
-        write_json(tmp / "labels.json", classes)
-    return layout.checkpoint
+    return save_dense_model(layout, detector.head, classes, {
+        "task": "detection", "card": layout.card().to_dict(), "labels": classes, "detection": d.model_dump(),
+        "head": {"width": d.width, "num_convs": d.num_convs}, **extra})
 
 
 def load_detector(path, with_backbone: bool = True) -> tuple[Detector, dict]:
     """The detector from model.pt (weights_only); without the backbone when only cached maps will be scored."""
-    from tasks.layout import ArtifactError
-    from tasks.model import build_network, freeze
-    from tasks.preprocess import PreprocessingCard
+    from tasks.model import freeze
 
-    if not path.exists():
-        raise ArtifactError(f"{path} not found: run the train stage first (dvc repro train)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    meta = ckpt["meta"]
-    if meta.get("task") != "detection":
-        raise ArtifactError(f"{path} holds a {meta.get('task', 'classification')} model: re-run train with task: detection")
-    card = PreprocessingCard.from_dict(meta["card"])
+    meta, card, head_state, extractor = load_dense_model(path, "detection", with_backbone)
     d = meta["detection"]
-    from tasks.dense import map_shapes
-
     shapes = map_shapes(card)
     anchors, _ = make_anchors(card.input_size, [(h, w) for _, h, w in shapes])
     head = DetectionHead([c for c, _, _ in shapes], len(meta["labels"]), d["width"], d["num_convs"])
-    head.load_state_dict({k[5:]: v for k, v in ckpt["state_dict"].items() if k.startswith("head.")})
-    extractor = None
-    if with_backbone:
-        extractor = DenseExtractor(build_network(card.arch), card)
-        prefix = "extractor.network."
-        extractor.network.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+    head.load_state_dict(head_state)
     detector = Detector(extractor, head, anchors, card.input_size, d["score_threshold"], d["nms_threshold"],
                         d["pre_nms_top_k"], d["max_detections"])
     return freeze(detector), meta

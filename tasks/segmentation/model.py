@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import Conv2dNormActivation
 
-from tasks.dense import DenseExtractor
+from tasks.dense import DenseExtractor, load_dense_model, map_shapes, save_dense_model
 
 HEAD_STRIDE = 8  # the decoder's output resolution (that of p3)
 
@@ -98,49 +98,17 @@ def cpu_threads() -> Iterator[int]:
 def save_segmenter(segmenter: Segmenter, layout, classes: list[str], palette: list[list[int]], params,
                    extra: dict) -> Path:
     """model.pt (frozen backbone + head, weights_only-loadable), model.safetensors, head.pt, labels.json."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from tasks.files import atomic_files, write_json
-
-    card = layout.card()
-    backbone = torch.load(layout.weights, map_location="cpu", weights_only=True)
-    head = {k: v.detach().cpu().contiguous() for k, v in segmenter.head.state_dict().items()}
-    state = {**{f"extractor.network.{k}": v for k, v in backbone.items()}, **{f"head.{k}": v for k, v in head.items()}}
-    meta = json.loads(json.dumps({
-        "task": "segmentation", "card": card.to_dict(), "labels": classes, "palette": palette,
+    return save_dense_model(layout, segmenter.head, classes, {
+        "task": "segmentation", "card": layout.card().to_dict(), "labels": classes, "palette": palette,
         "segmentation": params.segmentation.model_dump(), "head": {"width": params.segmentation.width,
-                                                                   "stride": HEAD_STRIDE}, **extra}))
-    with atomic_files(layout.models) as tmp:
-        torch.save({"state_dict": state, "meta": meta}, tmp / layout.checkpoint.name)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"meta": json.dumps(meta)})
-        torch.save(head, tmp / layout.head.name)
-        write_json(tmp / "labels.json", classes)
-    return layout.checkpoint
+                                                                   "stride": HEAD_STRIDE}, **extra})
 
 
 def load_segmenter(path: Path, with_backbone: bool = True) -> tuple[Segmenter, dict]:
     """The segmenter from model.pt (weights_only); without the backbone when only cached maps will be scored."""
-    from tasks.dense import map_shapes
-    from tasks.layout import ArtifactError
-    from tasks.model import build_network, freeze
-    from tasks.preprocess import PreprocessingCard
+    from tasks.model import freeze
 
-    if not path.exists():
-        raise ArtifactError(f"{path} not found: run the train stage first (dvc repro train)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    meta = ckpt["meta"]
-    if meta.get("task") != "segmentation":
-        raise ArtifactError(f"{path} holds a {meta.get('task', 'classification')} model: re-run train with "
-                            f"task: segmentation")
-    card = PreprocessingCard.from_dict(meta["card"])
+    meta, card, head_state, extractor = load_dense_model(path, "segmentation", with_backbone)
     head = SegmentationHead([c for c, _, _ in map_shapes(card)], len(meta["labels"]), meta["head"]["width"])
-    head.load_state_dict({k[5:]: v for k, v in ckpt["state_dict"].items() if k.startswith("head.")})
-    extractor = None
-    if with_backbone:
-        extractor = DenseExtractor(build_network(card.arch), card)
-        prefix = "extractor.network."
-        extractor.network.load_state_dict({k[len(prefix):]: v for k, v in ckpt["state_dict"].items()
-                                           if k.startswith(prefix)})
+    head.load_state_dict(head_state)
     return freeze(Segmenter(extractor, head, card.input_size)), meta
