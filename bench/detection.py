@@ -9,12 +9,9 @@ on the project's 2-core CPU. `total_s` is that sum; export (ONNX + parity on eve
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,38 +19,17 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("data", type=Path, nargs="?", default=ROOT.parent / "shared" / "datasets" / "bccd")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON",
-                    help="override a param, e.g. --set detection.epochs=12")
-    args = ap.parse_args()
+    from bench.pipeline_run import parse_args, run_pipeline
+
+    args = parse_args(__doc__, ROOT.parent / "shared" / "datasets" / "bccd", "detection.epochs=12")
     if not (args.data / "Annotations").is_dir():
         sys.exit(f"{args.data} is not a VOC folder (the shared BCCD set lives in ../shared/datasets/bccd; "
                  f"it is not in a fresh clone)")
-    from tasks import backbone, data, evaluate, export, features, train
-    from tasks.config import parse_params
-    from tasks.layout import Layout
-
-    raw: dict = {"task": "detection", "data": {"dataset": "voc", "root": str(args.data)}}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        raw.setdefault(section, {})[name] = json.loads(value)
-    params = parse_params(raw)
-    times: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-detection-") as tmp:
-        layout = Layout(Path(tmp))
-        results = {}
-        for name, stage in (("prepare", data), ("backbone", backbone), ("features", features), ("train", train),
-                            ("evaluate", evaluate), ("export", export)):
-            t0 = time.perf_counter()
-            results[name] = stage.run(params, layout)
-            times[name] = time.perf_counter() - t0
-            print(f"{name}: {times[name]:.1f}s", file=sys.stderr, flush=True)
-        m = results["evaluate"].metrics
-        parity = results["export"].parity
-        n_images = sum(results["features"].counts.values())
-        train_json = json.loads((layout.reports / "train.json").read_text())
+    run = run_pipeline({"task": "detection", "data": {"dataset": "voc", "root": str(args.data)}}, args.set)
+    results, times, train_json = run.results, run.times, run.train_json
+    m = results["evaluate"].metrics
+    parity = results["export"].parity
+    n_images = sum(results["features"].counts.values())
     out = {
         "ap50": round(m["ap50"], 4), "map": round(m["map"], 4), "ap75": round(m["ap75"], 4),
         "ap50_per_class": {k: round(v, 4) for k, v in m["ap50_per_class"].items()},

@@ -10,12 +10,9 @@ export's parity check; `load_avg_1m` says how busy the machine was (other proces
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,40 +21,16 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("data", type=Path, nargs="?", default=ROOT.parent / "shared" / "datasets" / "camvid")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=JSON",
-                    help="override a param, e.g. --set segmentation.epochs=20")
-    args = ap.parse_args()
+    from bench.pipeline_run import parse_args, run_pipeline
+
+    args = parse_args(__doc__, ROOT.parent / "shared" / "datasets" / "camvid", "segmentation.epochs=20")
     if not (args.data / "labelmap.txt").is_file():
         sys.exit(f"{args.data} is not a masks dataset with labelmap.txt (the shared CamVid set lives in "
                  f"../shared/datasets/camvid; it is not in a fresh clone)")
-    from tasks import backbone, data, evaluate, export, features, train
-    from tasks.config import parse_params
-    from tasks.layout import Layout
-
-    raw: dict = {"task": "segmentation", "data": {"dataset": "masks", "root": str(args.data)}}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        raw.setdefault(section, {})[name] = json.loads(value)
-    params = parse_params(raw)
-    times: dict[str, float] = {}
-    loads = [os.getloadavg()[0]]
-    with tempfile.TemporaryDirectory(prefix="bench-segmentation-") as tmp:
-        layout = Layout(Path(tmp))
-        results = {}
-        for name, stage in (("prepare", data), ("backbone", backbone), ("features", features), ("train", train),
-                            ("evaluate", evaluate), ("export", export)):
-            t0 = time.perf_counter()
-            results[name] = stage.run(params, layout)
-            times[name] = time.perf_counter() - t0
-            loads.append(os.getloadavg()[0])
-            print(f"{name}: {times[name]:.1f}s (load {loads[-1]:.1f})", file=sys.stderr, flush=True)
-        m = results["evaluate"].metrics
-        parity = results["export"].parity
-        train_json = json.loads((layout.reports / "train.json").read_text())
-        history = (layout.reports / "train_history.csv").read_text().splitlines()
+    run = run_pipeline({"task": "segmentation", "data": {"dataset": "masks", "root": str(args.data)}}, args.set)
+    params, results, times, loads, train_json = run.params, run.results, run.times, run.loads, run.train_json
+    m = results["evaluate"].metrics
+    parity = results["export"].parity
     out = {
         "miou": round(m["miou"], 4), "pixel_accuracy": round(m["pixel_accuracy"], 4), "fw_iou": round(m["fw_iou"], 4),
         "iou_per_class": {k: None if v is None else round(v, 4) for k, v in m["iou_per_class"].items()},
@@ -68,7 +41,7 @@ def main() -> None:
         "images": sum(results["features"].counts.values()), "input_size": list(params.dense.input_size),
         "epochs_run": train_json["steps_run"], "best_epoch": train_json["best_epoch"],
         "selection": train_json["selection"], "selection_miou": round(train_json["selection_miou"], 4),
-        "epoch_s": round(times["train"] / max(len(history) - 1, 1), 1),
+        "epoch_s": round(times["train"] / max(run.history_rows - 1, 1), 1),
         "parity_pixel_agreement": round(parity["pixel_agreement"], 6), "parity_max_prob_diff": parity["max_prob_diff"],
         "parity_passed": parity["passed"], "load_avg_1m": [round(v, 1) for v in loads], "cpus": os.cpu_count(),
         "bar": {"miou": 0.62, "total_s": 900},
