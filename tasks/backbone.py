@@ -16,23 +16,23 @@ Registry (backbone.name):
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from tasks import registry
 from tasks.cli import stage_main
 from tasks.config import Params
-from tasks.dense import MAP_NAMES, STRIDES, DenseExtractor
-from tasks.files import atomic_dir, atomic_path, sha256_file, write_json
+from tasks.files import atomic_dir, sha256_file, write_json
 from tasks.layout import Layout, Progress
-from tasks.model import FeatureExtractor, freeze, with_static_padding
+from tasks.network import freeze
+from tasks.onnxfile import export_images_model
 from tasks.pretrained import (  # noqa: F401 - the registry, re-exported
     BUNDLED, TORCHVISION_BACKBONES, BackboneError, bundled_weights, fetch, valid_names,
 )
 from tasks.preprocess import PreprocessingCard
+
 
 @dataclass(frozen=True)
 class BackboneResult:
@@ -41,29 +41,13 @@ class BackboneResult:
     seconds: float
 
 
-# ---------------------------------------------------------------- ONNX
-
-
-def export_feature_onnx(extractor: nn.Module, card: PreprocessingCard, path: Path,
-                        outputs: tuple[str, ...] = ("features",)) -> None:
-    """uint8 NHWC -> features (or dense maps), dynamic batch, one file. TorchScript exporter: seconds, not minutes."""
-    h, w = card.input_size
-    dummy = torch.zeros(2, h, w, 3, dtype=torch.uint8)
-    static = with_static_padding(extractor, dummy)
-    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and constant-folding notes
-        torch.onnx.export(
-            static, (dummy,), str(tmp), input_names=["images"], output_names=list(outputs),
-            dynamic_axes={name: {0: "batch"} for name in ("images", *outputs)}, opset_version=17, dynamo=False,
-        )
-
-
-# ---------------------------------------------------------------- stage
-
-
 def run(params: Params, layout: Layout, progress: Progress | None = None, export_onnx: bool = True) -> BackboneResult:
-    """Fetch the weights, record the card, export the feature extractor; the directory is swapped in whole."""
+    """Fetch the weights, record the card, export the feature extractor; the directory is swapped in whole.
+
+    What the extractor computes is the task's feature kind (tasks.pooled: one vector per image; tasks.dense:
+    maps at strides 8/16/32): it fills in its card fields and names the ONNX outputs."""
     t0 = time.perf_counter()
+    kind = registry.part(params.task, "features").KIND
     bp, chosen = params.backbone, None
     if bp.name == "auto":  # the select stage chose (reports/select.json, a DVC dep of this stage)
         chosen = layout.selected_backbone()
@@ -72,32 +56,13 @@ def run(params: Params, layout: Layout, progress: Progress | None = None, export
     if chosen:  # the choice and why travel with the card (card.json, the ONNX metadata, the model card)
         card_fields = {**card_fields, "extra": {**card_fields.get("extra", {}), "selected": chosen}}
     freeze(net)
-    dense = params.task != "classification"
-    if dense:  # a fixed input size, no crop: boxes and masks map back to the original image exactly
-        h, w = params.dense.input_size
-        card_fields = {**card_fields, "input_size": (h, w), "resize_size": min(h, w), "resize_mode": "stretch"}
-    probe = PreprocessingCard(**{**card_fields, "feature_dim": 0})
-    h, w = probe.input_size
-    if dense:
-        channels = DenseExtractor(net, probe).eval().channels()
-        card_fields = {**card_fields, "extra": {**card_fields.get("extra", {}), "channels": channels,
-                                                "strides": list(STRIDES)}}
-        feature_dim = 0
-    else:  # how the pooled features are formed travels with the card (features.onnx and the exported model)
-        card_fields = {**card_fields, "extra": {**card_fields.get("extra", {}), "layers": params.features.layers,
-                                                "flip": params.features.flip}}
-        probe = PreprocessingCard(**{**card_fields, "feature_dim": 0})
-        with torch.no_grad():
-            feature_dim = int(FeatureExtractor(net, probe).eval()(torch.zeros(1, h, w, 3, dtype=torch.uint8)).shape[1])
+    card_fields = kind.card_fields(params, net, card_fields)
     with atomic_dir(layout.backbone) as tmp:
         torch.save(net.state_dict(), tmp / layout.weights.name)
-        card = PreprocessingCard(**{**card_fields, "feature_dim": feature_dim,
-                                    "weights_sha256": sha256_file(tmp / layout.weights.name)})
+        card = PreprocessingCard(**{**card_fields, "weights_sha256": sha256_file(tmp / layout.weights.name)})
         if export_onnx:
-            if dense:
-                export_feature_onnx(DenseExtractor(net, card).eval(), card, tmp / layout.features_onnx.name, MAP_NAMES)
-            else:
-                export_feature_onnx(FeatureExtractor(net, card).eval(), card, tmp / layout.features_onnx.name)
+            export_images_model(kind.extractor(net, card), card.input_size, tmp / layout.features_onnx.name,
+                                kind.OUTPUTS)
         write_json(tmp / layout.card_json.name, card.to_dict())
     return BackboneResult(layout.backbone, card, time.perf_counter() - t0)
 

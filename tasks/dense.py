@@ -14,6 +14,7 @@ for datasets larger than RAM. Horizontally flipped training images are cached be
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,11 +23,13 @@ import torch
 from torch import nn
 
 from tasks.config import UserError
-from tasks.model import FeatureExtractor
-from tasks.preprocess import PreprocessingCard
+from tasks.layout import Dataset, Layout, Progress
+from tasks.network import PixelNetwork, freeze, load_backbone
+from tasks.preprocess import PreprocessingCard, decoded_batches
 
 STRIDES = (8, 16, 32)
 MAP_NAMES = tuple(f"p{i}" for i in (3, 4, 5))  # p3 = stride 8, the FPN naming
+OUTPUTS = MAP_NAMES  # features.onnx: images -> p3, p4, p5
 
 
 def _timm_indices(network: nn.Module) -> list[int]:
@@ -40,9 +43,9 @@ def _timm_indices(network: nn.Module) -> list[int]:
     return [reductions.index(s) for s in STRIDES]
 
 
-class DenseExtractor(FeatureExtractor):
-    """uint8 [N, H, W, 3] RGB pixels -> [p3, p4, p5] feature maps (strides 8, 16, 32); the classifier's
-    extractor (same weights, same normalisation inside) stopped at the maps instead of pooling."""
+class DenseExtractor(PixelNetwork):
+    """uint8 [N, H, W, 3] RGB pixels -> [p3, p4, p5] feature maps (strides 8, 16, 32): the backbone (same weights,
+    same normalisation inside as the pooled extractor) stopped at the maps instead of pooling."""
 
     def __init__(self, network: nn.Module, card: PreprocessingCard):
         super().__init__(network, card)
@@ -154,60 +157,9 @@ def jitter_boxes(boxes: np.ndarray, labels: np.ndarray, move: tuple, size: tuple
     return (flip_boxes(c, w) if flipped else c), labels
 
 
-def load_dense_extractor(layout) -> DenseExtractor:
+def load_dense_extractor(layout: Layout) -> DenseExtractor:
     """The frozen dense extractor from the backbone stage's files (weights checked against the card)."""
-    from tasks.model import freeze, load_feature_extractor
-
-    return freeze(DenseExtractor(load_feature_extractor(layout).network, layout.card()))
-
-
-# ---------------------------------------------------------------- checkpoints of the dense tasks
-
-BACKBONE_PREFIX = "extractor.network."
-
-
-def save_dense_model(layout, head: nn.Module, classes: list[str], meta: dict) -> Path:
-    """model.pt (frozen backbone + head, weights_only-loadable), model.safetensors, head.pt, labels.json,
-    written together; `meta` (JSON-able) is stored in model.pt and the safetensors header."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from tasks.files import atomic_files, write_json
-
-    backbone = torch.load(layout.weights, map_location="cpu", weights_only=True)
-    head_state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    state = {**{BACKBONE_PREFIX + k: v for k, v in backbone.items()}, **{f"head.{k}": v for k, v in head_state.items()}}
-    meta = json.loads(json.dumps(meta))
-    with atomic_files(layout.models) as tmp:
-        torch.save({"state_dict": state, "meta": meta}, tmp / layout.checkpoint.name)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"meta": json.dumps(meta)})
-        torch.save(head_state, tmp / layout.head.name)
-        write_json(tmp / "labels.json", classes)
-    return layout.checkpoint
-
-
-def load_dense_model(path: Path, task: str, with_backbone: bool
-                     ) -> tuple[dict, PreprocessingCard, dict, DenseExtractor | None]:
-    """(meta, card, head state dict, frozen extractor or None) from a dense task's model.pt (weights_only)."""
-    from tasks.layout import ArtifactError
-    from tasks.model import build_network, freeze
-
-    if not path.exists():
-        raise ArtifactError(f"{path} not found: run the train stage first (dvc repro train)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    meta = ckpt["meta"]
-    if meta.get("task") != task:
-        raise ArtifactError(f"{path} holds a {meta.get('task', 'classification')} model: re-run train with task: {task}")
-    card = PreprocessingCard.from_dict(meta["card"])
-    head_state = {k[5:]: v for k, v in ckpt["state_dict"].items() if k.startswith("head.")}
-    extractor = None
-    if with_backbone:
-        extractor = DenseExtractor(build_network(card.arch), card)
-        extractor.network.load_state_dict({k[len(BACKBONE_PREFIX):]: v for k, v in ckpt["state_dict"].items()
-                                           if k.startswith(BACKBONE_PREFIX)})
-        freeze(extractor)
-    return meta, card, head_state, extractor
+    return freeze(DenseExtractor(*load_backbone(layout)))
 
 
 def warmup_cosine(opt: torch.optim.Optimizer, steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -220,3 +172,91 @@ def warmup_cosine(opt: torch.optim.Optimizer, steps_per_epoch: int, epochs: int)
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+
+
+# ---------------------------------------------------------------- the backbone stage: card and extractor
+
+
+def card_fields(params, net: nn.Module, fields: dict) -> dict:
+    """A fixed input size, no crop (`resize_mode: stretch`): boxes and masks map back to the original image
+    exactly; the channels of each level, so later stages know the map shapes without the network."""
+    h, w = params.head.features.input_size
+    fields = {**fields, "input_size": (h, w), "resize_size": min(h, w), "resize_mode": "stretch"}
+    channels = DenseExtractor(net, PreprocessingCard(**{**fields, "feature_dim": 0})).eval().channels()
+    return {**fields, "feature_dim": 0, "extra": {**fields.get("extra", {}), "channels": channels,
+                                                  "strides": list(STRIDES)}}
+
+
+def extractor(net: nn.Module, card: PreprocessingCard) -> nn.Module:
+    return DenseExtractor(net, card).eval()
+
+
+# ---------------------------------------------------------------- the features stage
+
+
+def options(params, card: PreprocessingCard) -> dict:
+    return {"flip_train": params.head.features.flip_train}
+
+
+def torch_runner(layout: Layout, device_name: str):
+    from tasks.network import autocast, pick_device
+
+    device = pick_device(device_name)
+    net = load_dense_extractor(layout).to(device)
+
+    def run(batch: np.ndarray) -> list[np.ndarray]:
+        with torch.inference_mode(), autocast(device):
+            return [m.float().cpu().numpy() for m in net(torch.from_numpy(batch).to(device))]
+
+    return run
+
+
+def compute(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, key: str, engine: str,
+            counts: dict[str, int], progress: Progress | None, write_labels: Callable) -> float:
+    """fp16 maps at strides 8/16/32 of every split (+ flipped train), streamed to disk, the task's targets
+    beside them (`write_labels(create)`). Returns network passes per second."""
+    from tqdm import tqdm
+
+    flip_train = params.head.features.flip_train
+    if engine == "onnxruntime":
+        from tasks.runtime import open_session
+
+        session, _ = open_session(layout.features_onnx, device="cpu")
+        run_batch = lambda batch: session.run(list(MAP_NAMES), {"images": batch})  # noqa: E731
+    else:
+        run_batch = torch_runner(layout, params.device)
+    items = [(split, it) for split in counts for it in dataset.split(split)]
+    total = len(items) + (counts.get("train", 0) if flip_train else 0)  # network passes
+    done = [0]
+    t_net = time.perf_counter()
+
+    def batches():
+        paths = [dataset.resolve(it) for _, it in items]
+        start = 0
+        for batch in decoded_batches(paths, card, params.features.batch_size, params.features.decode_workers):
+            split = items[start][0]
+            cut = next((i for i in range(len(batch)) if items[start + i][0] != split), len(batch))
+            if cut < len(batch):  # a batch that crosses a split boundary goes out in two parts
+                yield split, batch[:cut]
+                yield items[start + cut][0], batch[cut:]
+            else:
+                yield split, batch
+            start += len(batch)
+
+    info = {"engine": engine, "counts": counts, "task": params.task, "flip_train": flip_train,
+            "manifest_sha256": dataset.manifest_sha256, "weights_sha256": card.weights_sha256}
+    with tqdm(total=len(items), desc=f"dense features ({engine})", unit="img", disable=None) as bar:
+        def tick(n: int) -> None:
+            done[0] += n
+            bar.update(n)
+            if progress:
+                progress(done[0], len(items))
+
+        with layout.feature_cache().writer(key, info) as create:
+            write_maps(create, run_batch, batches(), counts, card, flip_train, tick)
+            write_labels(create)
+    return total / max(time.perf_counter() - t_net, 1e-9)
+
+
+def after(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, key: str) -> None:
+    """Nothing more for maps (the domain gap is measured on pooled features)."""

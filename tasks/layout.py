@@ -5,8 +5,8 @@ root), reads what earlier stages wrote through the readers here, and writes its 
 outputs under the same layout. The DVC graph (dvc.yaml), the Prefect flow, the tests
 and the benches all build a Layout; nobody else spells a path.
 
-The readers here are torch-free (numpy and json); the checkpoint readers that need
-torch live beside the networks, in tasks/model.py.
+The readers here are torch-free (numpy and json); the checkpoint reader, which needs
+torch, is tasks/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -21,10 +22,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from tasks.config import UserError
+from tasks.contract import SPLITS  # noqa: F401 - re-exported
 from tasks.files import atomic_dir, read_json, sha256_file, write_json
 from tasks.preprocess import PreprocessingCard
 
-SPLITS = ("train", "val", "test")
 Progress = Callable[[int, int], None]  # progress(done, total)
 
 
@@ -51,6 +52,7 @@ class Dataset:
     classes: list[str]
     items: list[Item]
     manifest_sha256: str
+    version: str = ""  # the manifest and the task's label files (annotations, masks): what a model was trained on
 
     def split(self, name: str) -> list[Item]:
         return [it for it in self.items if it.split == name]
@@ -304,7 +306,9 @@ class Layout:
         digest = sha256_file(self.prepared / "manifest.csv")
         if digest != meta["manifest_sha256"]:
             raise ArtifactError(f"{self.prepared}/manifest.csv does not match dataset.json: re-run prepare")
-        return Dataset(Path(meta["root"]), list(meta["classes"]), items, digest)
+        version = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k.endswith("_sha256")},
+                                            sort_keys=True).encode()).hexdigest()
+        return Dataset(Path(meta["root"]), list(meta["classes"]), items, digest, version)
 
     def card(self) -> PreprocessingCard:
         if not self.card_json.exists():

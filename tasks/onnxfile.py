@@ -1,33 +1,43 @@
-"""Writing deployable ONNX files, whatever the task: metadata, version stamps, a Triton model repository."""
+"""Writing ONNX files, whatever the task: the one exporter, the metadata every model carries, a Triton repository.
+
+Exporter: torch.onnx.export(dynamo=False), the TorchScript exporter, into one self-contained file (torch 2.14's
+default dynamo exporter splits the weights into a `.onnx.data` file), with timm's TF-"same" padding made static
+first so onnxruntime can fuse it. uint8 images [N, H, W, 3] in (`tasks.contract.INPUT`), a dynamic batch.
+Models over 2 GB (protobuf's limit) are out of scope.
+"""
 
 from __future__ import annotations
 
+import datetime
+import json
 import shutil
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
+from tasks import contract
 from tasks.files import atomic_path, write_text
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64", "uint8": "TYPE_UINT8", "int32": "TYPE_INT32",
                 "float16": "TYPE_FP16", "bool": "TYPE_BOOL"}
 
 
-def export_images_model(model, input_hw: tuple[int, int], path: Path, outputs: tuple[str, ...], opset: int) -> None:
-    """uint8 images [N, H, W, 3] -> named outputs, dynamic batch, one file (TorchScript exporter, static padding)."""
+def export_images_model(model, input_hw: tuple[int, int], path: Path, outputs: tuple[str, ...] | list[str],
+                        opset: int = 17) -> None:
+    """uint8 images [N, H, W, 3] -> named outputs, dynamic batch, one file written atomically."""
     import warnings
 
     import torch
 
-    from tasks.model import with_static_padding
+    from tasks.network import with_static_padding
 
     h, w = input_hw
     dummy = torch.zeros(2, h, w, 3, dtype=torch.uint8)
     static = with_static_padding(model, dummy).eval()
-    with torch.no_grad(), warnings.catch_warnings():
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracing notes
-        torch.onnx.export(static, (dummy,), str(path), input_names=["images"], output_names=list(outputs),
-                          dynamic_axes={n: {0: "batch"} for n in ("images", *outputs)}, opset_version=max(opset, 11),
-                          dynamo=False)
+        torch.onnx.export(static, (dummy,), str(tmp), input_names=[contract.INPUT], output_names=list(outputs),
+                          dynamic_axes={n: {0: "batch"} for n in (contract.INPUT, *outputs)},
+                          opset_version=max(opset, 11), dynamo=False)
 
 
 def version_of(package: str) -> str:
@@ -35,6 +45,25 @@ def version_of(package: str) -> str:
         return importlib_metadata.version(package)
     except importlib_metadata.PackageNotFoundError:
         return "unknown"
+
+
+def model_metadata(task: str, labels: list[str], card, dataset, metrics: dict, params: dict, input_note: str,
+                   **extra: str) -> dict[str, str]:
+    """The metadata_props of every exported model: what it does and on what (task, labels, preprocessing), where
+    its backbone and data came from, its evaluation, its params, when and by what; then the task's own keys."""
+    import torch
+
+    h, w = card.input_size
+    return {
+        contract.TASK: task, contract.LABELS: json.dumps(labels),
+        contract.PREPROCESSING: json.dumps({**card.to_dict(), "input": f"{contract.INPUT}: uint8 [N, {h}, {w}, 3] RGB "
+                                            f"after tasks.preprocess.load_image ({input_note})"}),
+        "backbone": json.dumps({"arch": card.arch, "source": card.source, "weights_sha256": card.weights_sha256}),
+        "dataset_sha256": dataset.manifest_sha256, "metrics": json.dumps(metrics), "params": json.dumps(params),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "producer": f"tlcv {version_of('tlcv')}, torch {torch.__version__}, onnx {version_of('onnx')}",
+        **extra,
+    }
 
 
 def set_metadata(path: Path, props: dict[str, str]) -> None:
@@ -89,6 +118,15 @@ instance_group [
 ]
 version_policy: {{ latest: {{ num_versions: 1 }} }}
 """
+
+
+def write_deployable(out: Path, model_path: Path, labels: list[str], params, input_hw: tuple[int, int],
+                     outputs: list[tuple[str, str, list[int]]], comment: str, label_output: str | None = None) -> Path:
+    """Beside model.onnx: labels.txt and triton/<export.triton_model_name>/ (config.pbtxt, labels.txt, 1/model.onnx)."""
+    write_text(out / "labels.txt", "\n".join(labels) + "\n")
+    ep = params.export
+    config = triton_config(ep.triton_model_name, input_hw, outputs, ep.triton_max_batch_size, comment, label_output)
+    return write_triton_model(model_path, out / "triton", ep.triton_model_name, config, labels)
 
 
 def write_triton_model(model_path: Path, repo: Path, name: str, config: str, labels: list[str]) -> Path:

@@ -14,11 +14,10 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
-
-from tasks.config import UserError
-
-SPLITS = ("train", "val", "test")
+from tasks.config import Params, UserError
+from tasks.files import sha256_file, write_json
+from tasks.imagefiles import Prepared, check_images, oriented_size
+from tasks.layout import SPLITS, Item, Layout
 
 
 @dataclass
@@ -95,14 +94,6 @@ def read_coco(root: Path, skipped: list[dict]) -> list[Record]:
     return records
 
 
-def oriented_size(path: Path) -> tuple[int, int]:
-    """(width, height) as the image is decoded for training and serving (EXIF orientation applied)."""
-    with Image.open(path) as img:
-        w, h = img.size
-        orientation = img.getexif().get(0x0112, 1)
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-
-
 def clean_boxes(rec: Record, width: int, height: int, dropped: list[dict]) -> list[dict]:
     """Clip to the image; drop (and report) boxes with no area."""
     kept = []
@@ -121,20 +112,14 @@ def clean_boxes(rec: Record, width: int, height: int, dropped: list[dict]) -> li
     return kept
 
 
-def prepare_detection(root: Path, dataset: str, skipped: list[dict], check_image) -> tuple[list, list[str], dict, dict]:
-    """(manifest items, classes, report additions, annotations by path) for a VOC or COCO folder.
-
-    `check_image(path) -> (sha256, reason)` is the prepare stage's own validation: every image is decoded once.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tasks.layout import Item
-
+def prepare(params: Params, layout: Layout, tmp: Path, skipped: list[dict]) -> Prepared:
+    """A VOC or COCO folder: every image decoded once, its boxes cleaned, annotations.json written beside the
+    manifest (boxes per image in original pixels, labels as class indices, difficult flags, the image size)."""
+    root, dataset = Path(params.data.root), params.data.dataset
     if not root.is_dir():
         raise UserError(f"dataset root {root} is not a directory: set data.root to a {dataset.upper()} folder")
     records = read_voc(root, skipped) if dataset == "voc" else read_coco(root, skipped)
-    with ThreadPoolExecutor(4) as pool:
-        checks = list(pool.map(lambda r: check_image(root / r.path), records))
+    checks = check_images([root / r.path for r in records])
     dropped: list[dict] = []
     items, annotations = [], {}
     for rec, (sha, reason) in zip(records, checks):
@@ -161,5 +146,7 @@ def prepare_detection(root: Path, dataset: str, skipped: list[dict], check_image
     for it in items:
         for label in annotations[it.path]["labels"]:
             per_class[classes[label]][it.split] += 1
-    return items, classes, {"dropped_boxes": dropped, "objects_per_class": per_class,
-                            "negatives": sum(1 for a in annotations.values() if not a["boxes"])}, annotations
+    write_json(tmp / layout.annotations.name, annotations)
+    return Prepared(items, classes, str(root), per_class,
+                    {"dropped_boxes": dropped, "negatives": sum(1 for a in annotations.values() if not a["boxes"])},
+                    {"annotations_sha256": sha256_file(tmp / layout.annotations.name)})

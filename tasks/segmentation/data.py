@@ -27,31 +27,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tasks.config import UserError
+from tasks.config import Params, UserError
+from tasks.contract import IGNORE, IMAGE_EXTENSIONS, voc_colormap
+from tasks.files import read_json, sha256_file, write_json
+from tasks.imagefiles import Prepared, check_image, oriented_size
+from tasks.layout import SPLITS, Item, Layout, stratified_split
 
-SPLITS = ("train", "val", "test")
-IGNORE = 255  # class index of pixels that are not scored (masks as stored after prepare, cached labels)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 IGNORE_NAMES = ("_ignore_", "ignore", "void", "unlabelled", "unlabeled")
 
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor"]
-
-
-def voc_colormap(n: int = 256) -> list[list[int]]:
-    """The PASCAL VOC colour of each index (bit-interleaved): the palette of VOC's own mask PNGs."""
-    out = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out.append([r, g, b])
-    return out
 
 
 @dataclass(frozen=True)
@@ -106,20 +92,13 @@ def read_labelmap(path: Path) -> LabelMap:
     if len(entries) >= IGNORE:
         raise UserError(f"{path}: at most {IGNORE - 1} classes (index {IGNORE} marks ignored pixels)")
     default = voc_colormap(len(entries) + 1)[1:]  # index 0 of VOC's map is black: skipped, so no class is black
-    palette = [c if c is not None else default[i] for i, (_, _, c) in enumerate(entries)]
+    palette = [c if c is not None else list(default[i]) for i, (_, _, c) in enumerate(entries)]
     return LabelMap([n for _, n, _ in entries], values, sorted(ignore | {IGNORE}), palette)
 
 
 def voc_labelmap() -> LabelMap:
-    return LabelMap(list(VOC_CLASSES), list(range(len(VOC_CLASSES))), [IGNORE], voc_colormap(len(VOC_CLASSES)))
-
-
-def oriented_size(path: Path) -> tuple[int, int]:
-    """(width, height) as the image is decoded for training and serving (EXIF orientation applied)."""
-    with Image.open(path) as img:
-        w, h = img.size
-        orientation = img.getexif().get(0x0112, 1)
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return LabelMap(list(VOC_CLASSES), list(range(len(VOC_CLASSES))), [IGNORE],
+                    [list(c) for c in voc_colormap(len(VOC_CLASSES))])
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -148,8 +127,6 @@ def load_mask(path: Path, lut: np.ndarray) -> np.ndarray:
 def list_masks_layout(root: Path, skipped: list[dict], seed: int, val_fraction: float, test_fraction: float
                       ) -> list[tuple[str, str, str]]:
     """(image rel path, mask rel path, split) for ROOT/<split>/images + masks, or ROOT/images + masks."""
-    from tasks.layout import stratified_split
-
     bases = [(s, root / s) for s in SPLITS if (root / s / "images").is_dir()]
     presplit = bool(bases)
     if not presplit:
@@ -203,8 +180,6 @@ def list_voc_seg(root: Path, skipped: list[dict]) -> list[tuple[str, str, str]]:
 def check_mask(root: Path, image_rel: str, mask_rel: str, lut: np.ndarray, num_classes: int
                ) -> tuple[dict | None, np.ndarray | None, str | None]:
     """(mask entry, pixels per class, None) or (None, None, reason)."""
-    from tasks.files import sha256_file
-
     try:
         values = read_mask(root / mask_rel)
     except (OSError, ValueError, SyntaxError) as exc:
@@ -221,21 +196,17 @@ def check_mask(root: Path, image_rel: str, mask_rel: str, lut: np.ndarray, num_c
             counts[:num_classes], None)
 
 
-def prepare_segmentation(root: Path, dataset: str, params, skipped: list[dict], check_image
-                         ) -> tuple[list, list[str], dict, dict]:
-    """(manifest items, classes, report additions, masks.json content) for a masks or voc_seg folder.
-
-    `check_image(path) -> (sha256, reason)` is the prepare stage's own validation: every image is decoded once.
-    """
-    from tasks.layout import Item
-
+def prepare(params: Params, layout: Layout, tmp: Path, skipped: list[dict]) -> Prepared:
+    """A masks or voc_seg folder: every image and its mask decoded once, masks.json written beside the manifest
+    (the label map and each image's mask file, size and sha256)."""
+    root, p = Path(params.data.root), params.data
     if not root.is_dir():
         raise UserError(f"dataset root {root} is not a directory: set data.root to a segmentation dataset")
-    if dataset == "voc_seg":
+    if p.dataset == "voc_seg":
         labelmap, listing = voc_labelmap(), list_voc_seg(root, skipped)
     else:
         labelmap = read_labelmap(root / "labelmap.txt")
-        listing = list_masks_layout(root, skipped, params.seed, params.val_fraction, params.test_fraction)
+        listing = list_masks_layout(root, skipped, p.seed, p.val_fraction, p.test_fraction)
     lut, k = labelmap.lut(), len(labelmap.classes)
 
     def check(entry):
@@ -260,8 +231,9 @@ def prepare_segmentation(root: Path, dataset: str, params, skipped: list[dict], 
             pixels[c][split] += int(n)
     if not any(it.split == "train" for it in items):
         raise UserError(f"no usable training images with masks under {root}: see the reasons in the prepare report")
-    meta = {**labelmap.to_dict(), "ignore_index": IGNORE, "masks": masks}
-    return items, labelmap.classes, {"pixels_per_class": pixels}, meta
+    write_json(tmp / layout.masks.name, {**labelmap.to_dict(), "ignore_index": IGNORE, "masks": masks})
+    return Prepared(items, labelmap.classes, str(root), pixels, {},
+                    {"masks_sha256": sha256_file(tmp / layout.masks.name)})
 
 
 # ---------------------------------------------------------------- label arrays for the loss

@@ -1,0 +1,136 @@
+"""The heads on pooled features: standardisation, a linear or MLP head, and the network that joins them to the
+backbone; and the default solver, L-BFGS on the whole (convex) loss.
+
+Shared by classification and multi-label training and by the select stage's probe.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def make_optimizer(groups: list[dict], p) -> torch.optim.Optimizer:
+    """`p`: a PooledHead section (solver, lr, weight_decay)."""
+    if p.solver == "adamw":
+        return torch.optim.AdamW(groups, lr=p.lr, weight_decay=p.weight_decay)
+    if p.solver == "adam":  # the reference recipe: torch.optim.Adam, L2 in the gradient
+        return torch.optim.Adam(groups, lr=p.lr, weight_decay=p.weight_decay)
+    if p.solver == "sgd":
+        return torch.optim.SGD(groups, lr=p.lr, momentum=0.9, nesterov=True, weight_decay=p.weight_decay)
+    raise ValueError(f"{p.solver} is not a gradient-descent optimizer")
+
+
+def make_schedule(opt: torch.optim.Optimizer, p, steps_per_epoch: int):
+    total = p.epochs * steps_per_epoch
+    if p.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+
+
+class Standardize(nn.Module):
+    """Signed power, then per-feature (x - mean) / std with the training features' statistics.
+
+    Pooled backbone features are sparse, heavy-tailed and unevenly scaled. A signed
+    square root (power normalisation) evens out the tails, and standardising lets one
+    learning rate suit every backbone (the BatchNorm-without-affine of linear-probe papers).
+    Measured on Lite0 features, logistic regression: hymenoptera 0.948 -> 0.954, digits 0.970 -> 0.970.
+    """
+
+    def __init__(self, dim: int, power: float = 0.5):
+        super().__init__()
+        self.power = power
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def _power(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.power == 1.0 else torch.sign(x) * x.abs().pow(self.power)
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor) -> "Standardize":
+        x = self._power(x)
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(x.std(0).clamp_min(1e-6))
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self._power(x) - self.mean) / self.std
+
+
+def build_head(kind: str, in_dim: int, num_classes: int, hidden_dim: int = 512, dropout: float = 0.0,
+               power: float = 0.5) -> nn.Sequential:
+    """head[0] is a Standardize layer (fit it on training features); then the classifier proper."""
+    if kind == "linear":
+        return nn.Sequential(Standardize(in_dim, power), nn.Dropout(dropout), nn.Linear(in_dim, num_classes))
+    if kind == "mlp":
+        return nn.Sequential(
+            Standardize(in_dim, power), nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
+            nn.Linear(hidden_dim, num_classes),
+        )
+    raise ValueError(f"unknown head {kind!r}: expected linear or mlp")
+
+
+class Classifier(nn.Module):
+    """Feature extractor + head: uint8 pixels -> logits."""
+
+    def __init__(self, features: FeatureExtractor, head: nn.Module):
+        super().__init__()
+        self.features = features
+        self.head = head
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(pixels))
+
+
+
+def fit_lbfgs(x: torch.Tensor, y: torch.Tensor, out_dim: int, l2: float, feature_power: float = 0.5,
+              loss: str = "softmax", label_smoothing: float = 0.0, pos_weight: torch.Tensor | None = None,
+              max_iter: int = 500) -> nn.Module:
+    """A linear head on the standardised features, its convex loss solved to convergence with full-batch L-BFGS.
+
+    loss "softmax": multinomial logistic regression (y: class indices); "sigmoid": one logistic regression per
+    output (y: multi-hot [N, T], `pos_weight` [T] scaling each output's positives). Mean loss + l2/2 * ||W||^2,
+    from zero: deterministic, the regularisation explicit instead of an early-stopping accident (the
+    linear-probe protocol of Kornblith et al. 2019).
+    """
+    head = build_head("linear", x.shape[1], out_dim, power=feature_power)
+    head[0].fit(x)
+    linear: nn.Linear = head[2]
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    with torch.no_grad():
+        z = head[0](x)
+    opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-10)
+    target = y.float() if loss == "sigmoid" else y
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        if loss == "sigmoid":
+            value = nn.functional.binary_cross_entropy_with_logits(linear(z), target, pos_weight=pos_weight)
+        else:
+            value = nn.functional.cross_entropy(linear(z), target, label_smoothing=label_smoothing)
+        value = value + 0.5 * l2 * linear.weight.pow(2).sum()
+        value.backward()
+        return value
+
+    opt.step(closure)
+    return head.eval()
+
+
+def softmax_scores(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of a single-label head."""
+    with torch.no_grad():
+        logits = head(x)
+    return nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()

@@ -1,0 +1,162 @@
+"""Pooled features, what classification and multi-label heads learn on: one vector per image, computed once.
+
+The backbone stage records how the vector is formed in the card (`<task>.features.layers`, `.flip`) and exports
+the extractor to features.onnx (uint8 pixels in, normalisation inside); the features stage runs it over every
+split (onnxruntime on CPU, torch on CUDA) into features/x_<split>.npy, the task writing its targets beside them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from tasks.config import UserError
+from tasks.layout import Dataset, Layout, Progress
+from tasks.network import PixelNetwork, freeze, load_backbone
+from tasks.preprocess import PreprocessingCard, decoded_batches
+
+OUTPUTS = ("features",)  # features.onnx: images -> features [N, D]
+
+
+class FeatureExtractor(PixelNetwork):
+    """uint8 [N, H, W, 3] RGB pixels -> features [N, D]: scale, normalise, backbone, pooled.
+
+    Taking raw pixels means the mean/std travel inside the model (and its ONNX graph).
+    """
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(pixels)
+        layers, flip = feature_options(self.card)
+        embed = self.network if layers == "last" else self.multi
+        if flip:  # the mean with the mirrored image: still one vector per image, computed once
+            return (embed(x) + embed(x.flip(3))) / 2
+        return embed(x)
+
+    def multi(self, x: torch.Tensor) -> torch.Tensor:
+        """`features.layers: multi`: every stage's globally pooled output beside the last pooled features
+        (Head2Toe-style; one pass through the network)."""
+        maps, pooled = stages_and_pooled(self.network, x)
+        return torch.cat([m.mean((2, 3)) for m in maps] + [pooled], dim=1)
+
+
+def stages_and_pooled(network: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Normalised NCHW input -> ([every stage's output map], the network's own pooled features), in one pass
+    (`features.layers: multi`). timm: every feature_info level (EfficientNet: strides 2 to 32); torchvision
+    ResNet: layer1 to layer3 (layer4's pooled map is the last features themselves)."""
+    if all(hasattr(network, f"layer{i}") for i in (2, 3, 4)):
+        n = network
+        c2 = n.layer1(n.maxpool(n.relu(n.bn1(n.conv1(x)))))
+        c3 = n.layer2(c2)
+        c4 = n.layer3(c3)
+        return [c2, c3, c4], torch.flatten(n.avgpool(n.layer4(c4)), 1)
+    if getattr(network, "feature_info", None) is None or not hasattr(network, "forward_intermediates"):
+        raise UserError("features.layers: multi needs a timm backbone with forward_intermediates, or a torchvision "
+                        "resnet; use features.layers: last")
+    last, maps = network.forward_intermediates(x, indices=list(range(len(network.feature_info))))
+    return list(maps), network.forward_head(last)
+
+
+def feature_options(card: PreprocessingCard) -> tuple[str, bool]:
+    """(layers, flip) the card's features are computed with (`features.layers`, `features.flip`)."""
+    return card.extra.get("layers", "last"), bool(card.extra.get("flip", False))
+
+
+def load_feature_extractor(layout: Layout) -> FeatureExtractor:
+    """The frozen extractor from the backbone stage's files (weights checked against the card's sha256)."""
+    return freeze(FeatureExtractor(*load_backbone(layout)))
+
+
+
+# ---------------------------------------------------------------- the backbone stage: card and extractor
+
+
+def card_fields(params, net: nn.Module, fields: dict) -> dict:
+    """The card of pooled features: how they are formed (the task's features.layers / .flip) and their size."""
+    f = params.head.features
+    fields = {**fields, "extra": {**fields.get("extra", {}), "layers": f.layers, "flip": f.flip}}
+    probe = PreprocessingCard(**{**fields, "feature_dim": 0})
+    h, w = probe.input_size
+    with torch.no_grad():
+        dim = int(FeatureExtractor(net, probe).eval()(torch.zeros(1, h, w, 3, dtype=torch.uint8)).shape[1])
+    return {**fields, "feature_dim": dim}
+
+
+def extractor(net: nn.Module, card: PreprocessingCard) -> nn.Module:
+    return FeatureExtractor(net, card).eval()
+
+
+# ---------------------------------------------------------------- the features stage
+
+
+def options(params, card: PreprocessingCard) -> dict | None:
+    """What joins the feature cache key beyond weights, preprocessing and data: none for the plain last layer."""
+    layers, flip = feature_options(card)
+    return None if (layers, flip) == ("last", False) else {"layers": layers, "flip": flip}
+
+
+def onnx_runner(onnx_path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    from tasks.runtime import open_session
+
+    session, _ = open_session(onnx_path, device="cpu")
+    return lambda batch: session.run(list(OUTPUTS), {"images": batch})[0]
+
+
+def torch_runner(layout: Layout, device_name: str) -> Callable[[np.ndarray], np.ndarray]:
+    from tasks.network import autocast, pick_device
+
+    device = pick_device(device_name)
+    extractor = load_feature_extractor(layout).to(device)
+    if device.type == "cuda":
+        extractor = extractor.to(memory_format=torch.channels_last)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode(), autocast(device):
+            return extractor(torch.from_numpy(batch).to(device, non_blocking=True)).float().cpu().numpy()
+
+    return run
+
+
+def compute(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, key: str, engine: str,
+            counts: dict[str, int], progress: Progress | None, write_labels: Callable) -> float:
+    """x_<split> [N, D] float32 of every split into the feature cache, the task's targets beside them
+    (`write_labels(create)`), swapped in whole. Returns the network's images per second."""
+    run_batch = onnx_runner(layout.features_onnx) if engine == "onnxruntime" else torch_runner(layout, params.device)
+    # One stream over all splits (in split order), so decoding never stalls at a split boundary.
+    items = [it for split in counts for it in dataset.split(split)]
+    info = {"engine": engine, "counts": counts, "feature_dim": card.feature_dim,
+            "manifest_sha256": dataset.manifest_sha256, "weights_sha256": card.weights_sha256}
+    total, done = len(items), 0
+    t_net = time.perf_counter()
+    with layout.feature_cache().writer(key, info) as create:
+        arrays = {s: create(f"x_{s}", (n, card.feature_dim), np.float32) for s, n in counts.items()}
+        bounds = np.cumsum([0, *counts.values()])
+        with tqdm(total=total, desc=f"features ({engine})", unit="img", disable=None) as bar:
+            for batch in decoded_batches([dataset.resolve(it) for it in items], card, params.features.batch_size,
+                                         params.features.decode_workers):
+                out = run_batch(batch)
+                for (split, arr), lo, hi in zip(arrays.items(), bounds[:-1], bounds[1:]):  # rows of each split
+                    a, b = max(done, lo), min(done + len(batch), hi)
+                    if a < b:
+                        arr[a - lo : b - lo] = out[a - done : b - done]
+                done += len(batch)
+                bar.update(len(batch))
+                if progress:
+                    progress(done, total)
+        rate = total / max(time.perf_counter() - t_net, 1e-9)
+        info["images_per_s"] = round(rate, 1)  # key.json is written when the block ends
+        write_labels(create)
+    return rate
+
+
+def after(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, key: str) -> None:
+    """Computed or reused: the domain gap of these features (one torch pass over a subsample, kept while the key
+    holds; after the cache's swap, which replaces the folder)."""
+    from tasks.gap import write_gap
+
+    write_gap(layout, dataset, card, key, params.features.batch_size, params.features.decode_workers)
