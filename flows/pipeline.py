@@ -35,7 +35,7 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{"train": {"lr": 0.1}} -> {"train.lr": 0.1}"""
+    """{"classification": {"lr": 0.1}} -> {"classification.lr": 0.1}"""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}.{key}" if prefix else key
@@ -47,7 +47,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def apply_overrides(overrides: dict[str, Any], params_file: Path = Path("params.yaml")):
-    """Validate dotted overrides ({"train.l2": [0.01]}) with params.yaml, then write them into it (comments kept).
+    """Validate dotted overrides ({"classification.l2": [0.01]}) with params.yaml, then write them into it (comments kept).
 
     An unknown key or a wrong type raises ConfigError naming it, before any work runs.
     """
@@ -164,7 +164,7 @@ def push_task() -> int:
 
 def model_card(params, metrics: dict, parity: dict, dataset: dict, card: dict) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in metrics.items())
-    head = f"{params.train.head} head" if params.task == "classification" else f"{params.task} head"
+    head = f"{params.task} head"
     return f"""# Model card: {params.backbone.name} + {head}
 
 **Data**: `{dataset['dataset']}` ({len(dataset['classes'])} classes: {", ".join(dataset['classes'][:20])}{" ..." if len(dataset['classes']) > 20 else ""}),
@@ -173,7 +173,7 @@ splits {dataset['counts']}, manifest sha256 `{dataset['manifest_sha256']}`, skip
 **Backbone**: `{card['arch']}` from {card['source']} (weights sha256 `{card['weights_sha256'][:16]}...`), frozen, {f"{card['feature_dim']}-d features" if card['feature_dim'] else "maps at strides 8/16/32"};
 input {card['input_size'][0]}x{card['input_size'][1]}, resize {card['resize_size']} ({card['interpolation']}), mean {card['mean']}, std {card['std']}.
 
-**Training**: solver {metrics.get('solver')}, chosen on {metrics.get('model_selected_on')}; params: `{json.dumps(dict(head=params.train.head, l2=params.train.l2, seed=params.train.seed))}`.
+**Training**: solver {metrics.get('solver')}, chosen on {metrics.get('model_selected_on')}; params: `{json.dumps(params.head.model_dump(mode='json'))}`.
 
 **Evaluation** on the {metrics.get('eval_split')} split:
 
@@ -193,7 +193,7 @@ def transfer_learning(params: Params | None = None, overrides: dict[str, Any] | 
     """The stages of dvc.yaml in order, each skipped when DVC says it is current.
 
     params: the whole typed parameter set (the Prefect UI shows it as a form); written into params.yaml.
-    overrides: dotted keys on top, e.g. {"train.head": "mlp"}. Both are validated before any work runs.
+    overrides: dotted keys on top, e.g. {"classification.head": "mlp"}. Both are validated before any work runs.
     """
     from tasks.files import read_json
     from tasks.layout import Layout

@@ -280,8 +280,16 @@ def as_dict(obj: BaseModel) -> dict:
 
 
 def json_schema() -> dict:
+    """The schema of params.yaml; a shared param some tasks do not read says which (setting it there is an error)."""
     schema = Params.model_json_schema()
     schema["title"] = "tlcv params.yaml"
+    for dotted in sorted({d for spec in registry.TASKS.values() for d in spec.ignores}):
+        section, key = dotted.split(".")
+        ref = schema["properties"][section]["$ref"].rsplit("/", 1)[1]
+        field = schema["$defs"][ref]["properties"][key]
+        not_read = [t for t, spec in registry.TASKS.items() if dotted in spec.ignores]
+        field["description"] = (field.get("description", "") + f" Not read with task: {', '.join(not_read)} "
+                                "(setting it away from its default there is an error).").strip()
     return schema
 
 

@@ -8,7 +8,11 @@ to the original image exactly by two scale factors.
 With augmentation off, the maps of every image are computed once (onnxruntime on CPU) and
 cached as fp16 .npy files that later stages memory-map: memory stays bounded by a batch, also
 for datasets larger than RAM. Horizontally flipped training images are cached beside them
-(`dense.flip_train`), a free augmentation for heads that learn on cached maps.
+(`<task>.features.flip_train`), a free augmentation for heads that learn on cached maps.
+
+The heads of both tasks then learn the same way on those maps (`fit_epochs`): AdamW, a one-epoch warm-up then
+cosine decay, seeded shuffled batches, one score on the selection split after every epoch and early stopping on
+it (tasks/selection.py).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from tasks.config import UserError
 from tasks.layout import Dataset, Layout, Progress
 from tasks.network import PixelNetwork, freeze, load_backbone
 from tasks.preprocess import PreprocessingCard, decoded_batches
+from tasks.selection import EarlyStopping, Selection, select_split
 
 STRIDES = (8, 16, 32)
 MAP_NAMES = tuple(f"p{i}" for i in (3, 4, 5))  # p3 = stride 8, the FPN naming
@@ -260,3 +265,92 @@ def compute(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, k
 
 def after(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, key: str) -> None:
     """Nothing more for maps (the domain gap is measured on pooled features)."""
+
+
+# ---------------------------------------------------------------- the train stage: heads on the cached maps
+
+Sample = tuple[str, int]  # (variant: "train" | "train_flip", index into the train split)
+
+
+def load_maps(layout: Layout, task: str, also: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The cached maps (memory-mapped), and the task's arrays `also` (e.g. "y_train"), or the fix."""
+    maps = layout.feature_cache().load(mmap=True)
+    missing = [n for n in (f"{MAP_NAMES[0]}_train", *also) if n not in maps]
+    if missing:
+        raise UserError(f"{layout.features} holds no {task} maps ({', '.join(missing)} missing): re-run the features "
+                        f"stage with task: {task}")
+    return maps
+
+
+def selection_set(dataset: Dataset, p) -> tuple[Selection, str, list[int]]:
+    """The selection split (tasks.selection: val when a test split scores, else a holdout of train), the cached
+    split its maps are in ("val" or "train") and its images' indices there. `p`: a DenseHead section."""
+    sel = select_split(dataset, np.zeros(len(dataset.split("train")), np.int64), p.holdout_fraction, p.seed)
+    if sel.on_val:
+        return sel, "val", list(range(len(dataset.split("val"))))
+    return sel, "train", [int(i) for i in sel.holdout]
+
+
+def training_samples(maps: dict, fit: Sequence[int], flip: bool = True, also: tuple[str, ...] = ()) -> list[Sample]:
+    """Every image the head learns from, and its mirror image too when the features stage cached its maps (and
+    the arrays `also`, e.g. "y", for the flipped variant)."""
+    variants = ["train"]
+    if flip and f"{MAP_NAMES[0]}_train_flip" in maps and all(f"{a}_train_flip" in maps for a in also):
+        variants.append("train_flip")
+    return [(v, int(i)) for v in variants for i in fit]
+
+
+def gather_batch(maps: dict, batch: Sequence[Sample]) -> tuple[list[torch.Tensor], list[tuple[str, list[int]]]]:
+    """Levels p3..p5 of a sorted batch of samples, and its (variant, indices) groups in the same order."""
+    groups = [(v, [i for vv, i in batch if vv == v]) for v in dict.fromkeys(v for v, _ in batch)]
+    parts = [gather_maps(maps, v, idx) for v, idx in groups]
+    return [torch.cat([part[k] for part in parts]) for k in range(len(MAP_NAMES))], groups
+
+
+def fit_epochs(head: nn.Module, p, samples: list[Sample], losses: Callable[[list[Sample]], dict[str, torch.Tensor]],
+               score: Callable[[], dict[str, float]], key: str, kept: Callable[[], dict], desc: str,
+               progress: Progress | None = None, after_step: Callable[[], None] | None = None
+               ) -> tuple[list[dict], EarlyStopping]:
+    """The dense heads' epoch loop. `p` is the task's DenseHead section (epochs, batch_size, lr, weight_decay,
+    patience, seed). Each epoch: the samples shuffled (a generator seeded by p.seed; a batch sorted, so the maps
+    are read in file order), per batch `losses(batch)` (named terms, summed for the step), AdamW on the head's
+    parameters, warmup_cosine, `after_step()` (an EMA update); then `score()` (the selection split's scores,
+    one row of the history with the mean losses) and early stopping on `score()[key]`, keeping `kept()`.
+
+    Returns the history and the EarlyStopping (its .state: the kept state of the best epoch)."""
+    from tqdm import tqdm
+
+    gen = torch.Generator().manual_seed(p.seed)
+    opt = torch.optim.AdamW(head.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    sched = warmup_cosine(opt, math.ceil(len(samples) / p.batch_size), p.epochs)
+    stop, history = EarlyStopping(p.patience), []
+    bar = tqdm(range(1, p.epochs + 1), desc=desc, unit="ep", disable=None)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        head.train()
+        order = torch.randperm(len(samples), generator=gen).tolist()
+        sums: dict[str, float] = {}
+        for s in range(0, len(order), p.batch_size):
+            batch = sorted(samples[j] for j in order[s : s + p.batch_size])
+            terms = losses(batch)
+            loss = sum(terms.values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if after_step is not None:
+                after_step()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.item() * len(batch)
+        t_train = time.perf_counter() - t0
+        head.eval()
+        scores = score()
+        history.append({"step": epoch, **{k: v / len(samples) for k, v in sums.items()}, **scores,
+                        "lr": opt.param_groups[0]["lr"], "train_seconds": round(t_train, 2),
+                        "seconds": round(time.perf_counter() - t0, 2)})
+        bar.set_postfix({key: f"{scores[key]:.3f}"})
+        if progress:
+            progress(epoch, p.epochs)
+        if stop.update(epoch, scores[key], kept()):
+            break
+    return history, stop

@@ -28,8 +28,8 @@ def verdict(gap: float) -> str:
     if gap < CLOSE:
         return "close to ImageNet: the frozen backbone's features should transfer well"
     if gap < FAR:
-        return "moderate: frozen features usually work; compare features.layers: multi or a bigger backbone"
-    return "far from ImageNet: consider multi-layer features (features.layers: multi) or unfreezing blocks"
+        return "moderate: frozen features usually work; compare <task>.features.layers: multi or a bigger backbone"
+    return "far from ImageNet: consider multi-layer features (<task>.features.layers: multi) or unfreezing blocks (classification.unfreeze_blocks)"
 
 
 def subsample(dataset: Dataset, n: int = SAMPLE) -> list:
@@ -91,7 +91,7 @@ def measure(layout: Layout, dataset: Dataset, card: PreprocessingCard, batch_siz
     """The gap of the train images under the backbone stage's weights."""
     import torch
 
-    from tasks.model import load_feature_extractor
+    from tasks.pooled import load_feature_extractor
 
     extractor = load_feature_extractor(layout)
     items = subsample(dataset)

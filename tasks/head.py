@@ -134,3 +134,29 @@ def softmax_scores(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[f
     with torch.no_grad():
         logits = head(x)
     return nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+# ---------------------------------------------------------------- from and to the checkpoint
+
+
+def head_meta(p) -> dict:
+    """How to rebuild the head (model.pt's meta "head"); `p`: a PooledHead section."""
+    return {"kind": p.head, "hidden_dim": p.hidden_dim, "dropout": p.dropout, "feature_power": p.feature_power}
+
+
+def load_head(ckpt) -> nn.Sequential:
+    """The trained head of a tasks.checkpoint.Checkpoint (pooled features in, one output per label)."""
+    m = ckpt.meta["head"]
+    head = build_head(m["kind"], ckpt.card.feature_dim, len(ckpt.labels), m["hidden_dim"], m["dropout"],
+                      m["feature_power"])
+    head.load_state_dict(ckpt.head_state)
+    return head.eval()
+
+
+def load_classifier(ckpt) -> Classifier:
+    """Backbone + head of a checkpoint, frozen: uint8 pixels -> logits."""
+    from tasks.checkpoint import backbone_network
+    from tasks.network import freeze
+    from tasks.pooled import FeatureExtractor
+
+    return freeze(Classifier(FeatureExtractor(backbone_network(ckpt), ckpt.card), load_head(ckpt))).eval()

@@ -107,7 +107,7 @@ def unfreeze_last_blocks(network: nn.Module, n: int) -> list[nn.Module]:
         return []
     blocks = backbone_blocks(network)
     if n > len(blocks):
-        raise UserError(f"train.unfreeze_blocks={n} but this backbone has {len(blocks)} blocks: set it to at most {len(blocks)}")
+        raise UserError(f"classification.unfreeze_blocks={n} but this backbone has {len(blocks)} blocks: set it to at most {len(blocks)}")
     chosen = blocks[-n:]
     for block in chosen:
         block.train()

@@ -19,13 +19,10 @@ torch.load(weights_only=True).
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-
-from tasks.layout import Dataset, Layout, holdout_split
 
 COVERAGE = 0.95  # share of in-distribution images meant to fall below the threshold
 
@@ -78,58 +75,46 @@ def conformal_threshold(scores: np.ndarray, coverage: float = COVERAGE) -> float
     return float(s[max(k, 0)])
 
 
-def fit_ood(standardize: nn.Module, feats: dict[str, np.ndarray], dataset: Dataset, holdout_fraction: float,
-            seed: int) -> tuple[dict, dict]:
-    """(checkpoint entry with tensors, plain summary) for model.pt.
+def fit_ood(standardize: nn.Module, x_fit: np.ndarray, y_fit: np.ndarray, num_classes: int, x_sel: np.ndarray,
+            calibrated_on: str) -> tuple[dict, dict]:
+    """(checkpoint entry with tensors, plain summary) for model.pt's "ood".
 
-    Fit on train (without the holdout when the selection split is a train holdout), threshold on
-    the selection split, so the calibration images never helped place the means.
+    Fit on the features the head learnt from (`x_fit`, labels `y_fit`; one Gaussian for multi-label: all 0,
+    num_classes 1), the threshold on the selection split's (`x_sel`), so the calibration images never helped
+    place the means.
     """
-    n_classes = len(dataset.classes)
     with torch.no_grad():
-        z_train = standardize(torch.from_numpy(np.asarray(feats["x_train"]))).numpy()
-    y_train = np.asarray(feats["y_train"])
-    selection = dataset.selection
-    if selection == "val":
-        with torch.no_grad():
-            z_sel = standardize(torch.from_numpy(np.asarray(feats["x_val"]))).numpy()
-        z_fit, y_fit = z_train, y_train
-    else:
-        fit_idx, hold_idx = holdout_split(y_train, holdout_fraction, seed)
-        z_fit, y_fit, z_sel = z_train[fit_idx], y_train[fit_idx], z_train[hold_idx]
-    means, whiten, shrinkage = fit_gaussian(z_fit, y_fit, n_classes)
+        z_fit = standardize(torch.from_numpy(np.asarray(x_fit))).numpy()
+        z_sel = standardize(torch.from_numpy(np.asarray(x_sel))).numpy()
+    means, whiten, shrinkage = fit_gaussian(z_fit, np.asarray(y_fit), num_classes)
     scorer = MahalanobisScore(torch.from_numpy(means), torch.from_numpy(whiten))
     with torch.no_grad():
         sel_scores = scorer(torch.from_numpy(z_sel).float()).numpy()
     threshold = conformal_threshold(sel_scores) if len(sel_scores) else float("inf")
-    summary = {"method": "mahalanobis (shared covariance, Ledoit-Wolf), nearest class mean",
-               "threshold": round(threshold, 6), "coverage": COVERAGE, "calibrated_on": selection,
+    summary = {"method": f"mahalanobis (shared covariance, Ledoit-Wolf), nearest of {num_classes} mean(s)",
+               "threshold": round(threshold, 6), "coverage": COVERAGE, "calibrated_on": calibrated_on,
                "calibration_n": int(len(sel_scores)), "fit_n": int(len(z_fit)), "shrinkage": round(shrinkage, 6)}
     entry = {"means": torch.from_numpy(means).float(), "whiten": torch.from_numpy(whiten).float(),
              "threshold": threshold, "coverage": COVERAGE}
     return entry, summary
 
 
-def load_ood(classifier_path: Path) -> tuple[MahalanobisScore, float] | None:
-    """(scorer, threshold) from model.pt, or None when the model has none (backbone trained, older file)."""
-    ckpt = torch.load(classifier_path, map_location="cpu", weights_only=True, mmap=True)
-    entry = ckpt.get("ood")
+def load_ood(extra: dict) -> tuple[MahalanobisScore, float] | None:
+    """(scorer, threshold) from a checkpoint's extra entries (tasks.checkpoint.Checkpoint.extra), or None when
+    the model has none (backbone trained)."""
+    entry = extra.get("ood")
     if not entry:
         return None
     return MahalanobisScore(entry["means"], entry["whiten"]).eval(), float(entry["threshold"])
 
 
-def ood_metrics(layout: Layout, split: str) -> dict:
-    """Share of the `split` images flagged out of distribution (about 1 - coverage when they are in it),
-    from the cached features; {} when the model has no OOD statistics."""
-    from tasks.model import load_head
-
-    loaded = load_ood(layout.classifier)
+def ood_metrics(extra: dict, standardize: nn.Module, x: np.ndarray) -> dict:
+    """Share of the evaluation images (their cached features `x`) flagged out of distribution (about 1 - coverage
+    when they are in it); {} when the model has no OOD statistics."""
+    loaded = load_ood(extra)
     if loaded is None:
         return {}
     scorer, threshold = loaded
-    head, _ = load_head(layout)
-    x = layout.feature_cache().load()[f"x_{split}"]
     with torch.no_grad():
-        s = scorer(head[0](torch.from_numpy(np.asarray(x)))).numpy()
+        s = scorer(standardize(torch.from_numpy(np.asarray(x)))).numpy()
     return {"ood_threshold": round(threshold, 4), "ood_flagged": round(float((s > threshold).mean()), 6)}

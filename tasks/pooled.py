@@ -39,7 +39,7 @@ class FeatureExtractor(PixelNetwork):
         return embed(x)
 
     def multi(self, x: torch.Tensor) -> torch.Tensor:
-        """`features.layers: multi`: every stage's globally pooled output beside the last pooled features
+        """`<task>.features.layers: multi`: every stage's globally pooled output beside the last pooled features
         (Head2Toe-style; one pass through the network)."""
         maps, pooled = stages_and_pooled(self.network, x)
         return torch.cat([m.mean((2, 3)) for m in maps] + [pooled], dim=1)
@@ -47,7 +47,7 @@ class FeatureExtractor(PixelNetwork):
 
 def stages_and_pooled(network: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Normalised NCHW input -> ([every stage's output map], the network's own pooled features), in one pass
-    (`features.layers: multi`). timm: every feature_info level (EfficientNet: strides 2 to 32); torchvision
+    (`<task>.features.layers: multi`). timm: every feature_info level (EfficientNet: strides 2 to 32); torchvision
     ResNet: layer1 to layer3 (layer4's pooled map is the last features themselves)."""
     if all(hasattr(network, f"layer{i}") for i in (2, 3, 4)):
         n = network
@@ -56,14 +56,14 @@ def stages_and_pooled(network: nn.Module, x: torch.Tensor) -> tuple[list[torch.T
         c4 = n.layer3(c3)
         return [c2, c3, c4], torch.flatten(n.avgpool(n.layer4(c4)), 1)
     if getattr(network, "feature_info", None) is None or not hasattr(network, "forward_intermediates"):
-        raise UserError("features.layers: multi needs a timm backbone with forward_intermediates, or a torchvision "
-                        "resnet; use features.layers: last")
+        raise UserError("<task>.features.layers: multi needs a timm backbone with forward_intermediates, or a torchvision "
+                        "resnet; use <task>.features.layers: last")
     last, maps = network.forward_intermediates(x, indices=list(range(len(network.feature_info))))
     return list(maps), network.forward_head(last)
 
 
 def feature_options(card: PreprocessingCard) -> tuple[str, bool]:
-    """(layers, flip) the card's features are computed with (`features.layers`, `features.flip`)."""
+    """(layers, flip) the card's features are computed with (`<task>.features.layers`, `.flip`)."""
     return card.extra.get("layers", "last"), bool(card.extra.get("flip", False))
 
 

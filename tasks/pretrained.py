@@ -23,7 +23,7 @@ from torch import nn
 
 from tasks.config import BackboneParams, UserError
 from tasks.files import sha256_file
-from tasks.model import build_network
+from tasks.network import build_network
 
 # name -> (torchvision builder, weights enum, member)
 TORCHVISION_BACKBONES = {

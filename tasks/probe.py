@@ -15,13 +15,11 @@ import contextlib
 import hashlib
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from tasks.config import TrainParams
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
@@ -120,16 +118,16 @@ def stratified_folds(y: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return fold
 
 
-def probe_accuracy(x: np.ndarray, y: np.ndarray, num_classes: int, p: TrainParams, folds: int = 5,
-                   seed: int = 0, repeats: int = 3) -> dict:
+def probe_accuracy(x: np.ndarray, y: np.ndarray, num_classes: int, l2s: list[float], feature_power: float = 0.5,
+                   folds: int = 5, seed: int = 0, repeats: int = 3) -> dict:
     """Repeated k-fold cross-validated accuracy of the default head (L-BFGS logistic regression, the train
-    stage's code) at the middle of `train.l2`: the mean over repeats x folds, the standard deviation of
+    stage's solver) at the middle of `select.l2`: the mean over repeats x folds, the standard deviation of
     the fold scores, and the standard error of the mean (std / sqrt(repeats x folds))."""
     import torch
 
-    from tasks.logistic import fit_lbfgs
+    from tasks.head import fit_lbfgs
 
-    l2 = sorted(p.l2)[len(p.l2) // 2]
+    l2 = sorted(l2s)[len(l2s) // 2]
     xt, yt = torch.from_numpy(np.asarray(x, dtype=np.float32)), torch.from_numpy(np.asarray(y, dtype=np.int64))
     accs = []
     for r in range(repeats):
@@ -138,7 +136,7 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, num_classes: int, p: TrainParam
             test = fold == f
             if not test.any() or test.all():
                 continue
-            head = fit_lbfgs(xt[~test], yt[~test], num_classes, l2, p, max_iter=200)
+            head = fit_lbfgs(xt[~test], yt[~test], num_classes, l2, feature_power, max_iter=200)
             with torch.no_grad():
                 accs.append(float((head(xt[test]).argmax(1) == yt[test]).float().mean()))
     std = float(np.std(accs))
@@ -161,20 +159,11 @@ def count_flops(network, input_size: tuple[int, int]) -> float:
 
 
 def export_features_onnx(extractor, input_size: tuple[int, int], path: Path) -> None:
-    """uint8 NHWC -> pooled features, as the backbone stage exports its features.onnx (static "same" padding)."""
-    import torch
+    """uint8 NHWC -> pooled features, as the backbone stage exports its features.onnx (the one exporter)."""
+    from tasks.onnxfile import export_images_model
+    from tasks.pooled import OUTPUTS
 
-    from tasks.files import atomic_path
-    from tasks.model import with_static_padding
-
-    h, w = input_size
-    dummy = torch.zeros(2, h, w, 3, dtype=torch.uint8)
-    static = with_static_padding(extractor, dummy)
-    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(static, (dummy,), str(tmp), input_names=["images"], output_names=["features"],
-                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
+    export_images_model(extractor, input_size, path, OUTPUTS)
 
 
 def latency(session, input_size: tuple[int, int], seconds: float = 1.5) -> dict:

@@ -8,7 +8,7 @@ name in `select.candidates`:
                 class, at most `select.max_fraction` of all images), in onnxruntime; cached per candidate
                 under select/<name>/ (like the features stage)
   probe_acc     repeated k-fold (`select.repeats` x `select.folds`, stratified) accuracy of the default head:
-                L-BFGS logistic regression, the train stage's own code (tasks/logistic.py); mean, fold std, s.e.
+                L-BFGS logistic regression, the train stage's own solver (tasks/head.py); mean, fold std, s.e.
   logme         LogME (You et al. 2021), a second, hyperparameter-free score (tasks/probe.py)
   cost          parameters, GFLOPs at the card's input size, onnxruntime latency at batch 1 (ms) and
                 throughput at batch 32 (img/s) on this machine
@@ -68,7 +68,8 @@ def prepare_candidate(name: str, params: Params, directory: Path) -> tuple[Prepr
     """(card, features.onnx, network, seconds): weights fetched (and checked), the extractor exported once per weights."""
     import torch
 
-    from tasks.model import FeatureExtractor, freeze
+    from tasks.network import freeze
+    from tasks.pooled import FeatureExtractor
     from tasks.pretrained import fetch
 
     t0 = time.perf_counter()
@@ -241,7 +242,8 @@ def run(params: Params, layout: Layout, progress: Progress | None = None, probe:
             card, x, y = c["card"], c["x"], c["y"]
             t1 = time.perf_counter()
             with one_thread():
-                scores = probe_accuracy(x, y, len(dataset.classes), params.train, sp.folds, params.data.seed, sp.repeats)
+                scores = probe_accuracy(x, y, len(dataset.classes), sp.l2, sp.feature_power, sp.folds, params.data.seed,
+                                        sp.repeats)
                 score_logme = logme(x, y)
             cv_s += time.perf_counter() - t1
             t2 = time.perf_counter()

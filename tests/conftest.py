@@ -55,11 +55,12 @@ def make_imagefolder(root: Path, per_class: int = 8, seed: int = 0, splits: tupl
     return root
 
 
-def tiny_params(root: Path, **train) -> Params:
+def tiny_params(root: Path, **head) -> Params:
+    """Classification on a generated image folder; `head`: classification.* settings."""
     return parse_params({
         "data": {"dataset": "imagefolder", "root": str(root), "val_fraction": 0.25, "test_fraction": 0.25},
         "features": {"batch_size": 8},
-        "train": {"epochs": 15, "batch_size": 8, **train},
+        "classification": {"epochs": 15, "batch_size": 8, **head},
     })
 
 

@@ -11,8 +11,8 @@ from tasks.backbone import BackboneError
 from tasks.config import Params, parse_params
 from tasks.files import sha256_file
 from tasks.layout import Layout
-from tasks.model import load_feature_extractor as _load_extractor
-from tasks.model import with_static_padding
+from tasks.network import with_static_padding
+from tasks.pooled import load_feature_extractor as _load_extractor
 
 
 def build_backbone(bp, root: Path, export_onnx: bool = True):

@@ -12,8 +12,8 @@ def test_params_yaml_is_valid_and_documents_the_defaults():
 
 
 @pytest.mark.parametrize("raw, words", [
-    ({"trian": {}}, ["'trian'", "did you mean 'train'", "valid keys here: task, device, data, backbone"]),
-    ({"train": {"epoch": 3}}, ["'train.epoch'", "did you mean 'epochs'", "head, hidden_dim"]),
+    ({"clasification": {}}, ["'clasification'", "did you mean 'classification'", "valid keys here: task, device, data, backbone"]),
+    ({"classification": {"epoch": 3}}, ["'classification.epoch'", "did you mean 'epochs'", "head, hidden_dim"]),
     ({"data": {"datset": "digits"}}, ["'data.datset'", "dataset, root"]),
 ])
 def test_unknown_key_names_the_valid_ones(raw, words):
@@ -24,14 +24,14 @@ def test_unknown_key_names_the_valid_ones(raw, words):
 
 
 @pytest.mark.parametrize("raw, words", [
-    ({"train": {"epochs": "ten"}}, ["train.epochs", "expected int", "'ten'"]),
-    ({"train": {"epochs": 2.5}}, ["train.epochs", "expected int"]),
-    ({"train": {"augment": "yes"}}, ["train.augment", "expected bool"]),
-    ({"train": {"lr": [1]}}, ["train.lr", "expected float"]),
-    ({"train": {"l2": ["x"]}}, ["train.l2[0]", "expected float"]),
+    ({"classification": {"epochs": "ten"}}, ["classification.epochs", "expected int", "'ten'"]),
+    ({"classification": {"epochs": 2.5}}, ["classification.epochs", "expected int"]),
+    ({"classification": {"augment": "yes"}}, ["classification.augment", "expected bool"]),
+    ({"classification": {"lr": [1]}}, ["classification.lr", "expected float"]),
+    ({"classification": {"l2": ["x"]}}, ["classification.l2[0]", "expected float"]),
     ({"data": {"dataset": "mnist"}}, ["data.dataset", "'digits', 'imagefolder', 'cifar10', 'cifar100'"]),
     ({"device": "tpu"}, ["device", "'auto', 'cpu', 'cuda'"]),
-    ({"train": 3}, ["train", "expected a mapping"]),
+    ({"classification": 3}, ["classification", "expected a mapping"]),
 ])
 def test_wrong_type_names_key_and_expected_type(raw, words):
     with pytest.raises(ConfigError) as e:
@@ -42,9 +42,9 @@ def test_wrong_type_names_key_and_expected_type(raw, words):
 
 @pytest.mark.parametrize("raw, word", [
     ({"data": {"val_fraction": 0.6, "test_fraction": 0.5}}, "must be < 1"),
-    ({"train": {"epochs": 0}}, "train.epochs"),
-    ({"train": {"optimizer": "lbfgs", "head": "mlp"}}, "lbfgs fits a linear head"),
-    ({"train": {"feature_power": 0}}, "feature_power"),
+    ({"classification": {"epochs": 0}}, "classification.epochs"),
+    ({"classification": {"optimizer": "lbfgs", "head": "mlp"}}, "lbfgs fits a linear head"),
+    ({"classification": {"feature_power": 0}}, "feature_power"),
 ])
 def test_out_of_range_values_fail(raw, word):
     with pytest.raises(ConfigError, match=word):
@@ -52,22 +52,55 @@ def test_out_of_range_values_fail(raw, word):
 
 
 def test_coercions_users_meet_on_the_command_line():
-    p = parse_params({"train": {"lr": "3e-4", "l2": 0.5}, "data": {"max_images_per_class": None}})
-    assert p.train.lr == pytest.approx(3e-4)
-    assert p.train.l2 == [0.5]
+    p = parse_params({"classification": {"lr": "3e-4", "l2": 0.5}, "data": {"max_images_per_class": None}})
+    assert p.classification.lr == pytest.approx(3e-4)
+    assert p.classification.l2 == [0.5]
 
 
 def test_auto_optimizer_resolves_by_path():
-    assert parse_params({}).train.solver == "lbfgs"
-    assert parse_params({"train": {"head": "mlp"}}).train.solver == "adamw"
-    assert parse_params({"train": {"augment": True}}).train.solver == "adamw"
-    assert parse_params({"train": {"optimizer": "adam"}}).train.solver == "adam"
+    assert parse_params({}).classification.solver == "lbfgs"
+    assert parse_params({"classification": {"head": "mlp"}}).classification.solver == "adamw"
+    assert parse_params({"classification": {"augment": True}}).classification.solver == "adamw"
+    assert parse_params({"classification": {"optimizer": "adam"}}).classification.solver == "adam"
 
 
 def test_bad_yaml_and_missing_file(tmp_path):
     bad = tmp_path / "params.yaml"
-    bad.write_text("train: [unclosed\n")
+    bad.write_text("classification: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"train": {"epochs": 3}}, ["'train'", "it is now classification"]),
+    ({"dense": {"input_size": [64, 64]}}, ["'dense'", "detection.features / segmentation.features"]),
+    ({"features": {"layers": "multi"}}, ["features.layers", "classification.features.layers"]),
+])
+def test_renamed_sections_name_their_new_place(raw, words):
+    with pytest.raises(ConfigError) as e:
+        parse_params(raw)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("raw, words", [
+    ({"task": "detection", "data": {"dataset": "imagefolder"}}, ["data.dataset", "voc, coco"]),
+    ({"task": "segmentation", "data": {"dataset": "masks"}, "backbone": {"name": "auto"}}, ["backbone.name: auto"]),
+    ({"task": "detection", "data": {"dataset": "voc"}, "export": {"quantize": "int8"}}, ["export.quantize", "detection"]),
+    ({"task": "segmentation", "data": {"dataset": "masks"}, "evaluate": {"top_mistakes": 3}},
+     ["evaluate.top_mistakes", "segmentation"]),
+])
+def test_a_param_the_task_does_not_read_is_an_error(raw, words):
+    with pytest.raises(ConfigError) as e:
+        parse_params(raw)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+
+
+def test_head_is_the_chosen_tasks_section():
+    p = parse_params({"task": "multilabel", "data": {"dataset": "csv"}, "multilabel": {"pos_weight": "balanced"}})
+    assert p.head is p.multilabel and p.head.pos_weight == "balanced"
+    p = parse_params({})
+    assert p.head is p.classification

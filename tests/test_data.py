@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from conftest import closed_port_url, draw, make_imagefolder, tiny_params
-from tasks import data
+from tasks import data, imagefiles
 from tasks.config import Params, parse_params
-from tasks.data import DataError
+from tasks.imagefiles import DataError
 from tasks.files import read_json
 from tasks.layout import Layout, stratified_split
 
@@ -268,7 +268,7 @@ def test_fifos_and_sockets_are_skipped_and_never_opened(imagefolder, tmp_path):
     with socket.socket(socket.AF_UNIX) as sock, fifo_watchdog(fifo) as opened:
         if len(os.fsencode(sock_path)) < 100:  # AF_UNIX path limit
             sock.bind(str(sock_path))
-        assert data.check_image(fifo) == (None, "not a regular file (fifo)")  # the check itself, not only the scan
+        assert imagefiles.check_image(fifo) == (None, "not a regular file (fifo)")  # the check itself, not only the scan
         r = prepare(tiny_params(imagefolder).data, tmp_path / "prepared")
     assert not opened
     reasons = {s["path"]: s["reason"] for s in read_json(prepared(tmp_path / "prepared") / "report.json")["skipped"]}
@@ -292,8 +292,8 @@ def test_huge_files_are_refused_unread_and_hashes_are_streamed(imagefolder, tmp_
         f.truncate(100 * 2**20)  # a valid PNG followed by 100 MB of zeros
     tracemalloc.start()
     try:
-        assert data.check_image(imagefolder / "squares" / "zeros.jpg") == (None, "not an image (Pillow cannot identify the format)")
-        sha, reason = data.check_image(padded)
+        assert imagefiles.check_image(imagefolder / "squares" / "zeros.jpg") == (None, "not an image (Pillow cannot identify the format)")
+        sha, reason = imagefiles.check_image(padded)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -304,7 +304,7 @@ def test_huge_files_are_refused_unread_and_hashes_are_streamed(imagefolder, tmp_
     report = read_json(prepared(tmp_path / "prepared") / "report.json")
     reasons = {s["path"]: s["reason"] for s in report["skipped"]}
     assert reasons == {
-        "circles/big.jpg": f"file too large ({300 * 2**20} bytes > {data.MAX_FILE_BYTES})",
+        "circles/big.jpg": f"file too large ({300 * 2**20} bytes > {imagefiles.MAX_FILE_BYTES})",
         "squares/zeros.jpg": "not an image (Pillow cannot identify the format)",
     }
     rows = {r["path"]: r["sha256"] for r in manifest_rows(prepared(tmp_path / "prepared"))}

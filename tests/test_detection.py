@@ -2,7 +2,7 @@
 
 The stages are the pipeline's own (prepare, backbone, features, train, evaluate, export) on a Layout in a
 tmp dir, with the real bundled backbone; the dataset is 48 non-square images, so the whole module runs in
-well under a minute.
+well under a minute. The parity gate's rule at the cut-offs is checked on constructed outputs.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import project_copy, sh
 from tasks.config import parse_params
 from tasks.files import read_json, sha256_file
 
@@ -61,9 +60,10 @@ def make_voc(root: Path, n_train: int = 36, n_val: int = 12, seed: int = 0) -> P
 DET_TRAIN = {"epochs": 24, "patience": 0, "batch_size": 8, "lr": 0.003}
 
 
-def det_params(root: Path):
+def det_params(root: Path, **detection):
     return parse_params({"task": "detection", "data": {"dataset": "voc", "root": str(root)},
-                         "dense": {"input_size": [96, 128]}, "features": {"batch_size": 16}, "detection": DET_TRAIN})
+                         "features": {"batch_size": 16},
+                         "detection": {"features": {"input_size": [96, 128]}, **DET_TRAIN, **detection}})
 
 
 def make_voc_with_a_degenerate_box(root: Path) -> Path:
@@ -75,19 +75,27 @@ def make_voc_with_a_degenerate_box(root: Path) -> Path:
     return root
 
 
+STAGES = ("data", "backbone", "features", "train", "evaluate", "export")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The whole pipeline for `task: detection` through real `dvc repro` on a copy of the project."""
+    """The whole pipeline for `task: detection`, every stage's run() and the line it prints, on a tmp Layout
+    (its own dense backbone at 96x128)."""
+    import importlib
+
     from tasks.layout import Layout
 
-    repo = project_copy(tmp_path_factory.mktemp("det") / "repo", make_data=make_voc_with_a_degenerate_box,
-                        params_update={"task": "detection", "data": {"dataset": "voc", "root": "data/raw"},
-                                       "dense": {"input_size": [96, 128]}, "features": {"batch_size": 16},
-                                       "detection": DET_TRAIN})
-    out = sh(["dvc", "repro"], repo).stdout
-    assert "Running stage 'export'" in out and "parity" in out, out
-    assert json.loads(sh(["dvc", "status", "--json"], repo).stdout) == {}
-    return repo / "data" / "raw", det_params(repo / "data" / "raw"), Layout(repo), out
+    base = tmp_path_factory.mktemp("det")
+    root = make_voc_with_a_degenerate_box(base / "voc")
+    params, layout = det_params(root), Layout(base / "work")
+    lines = []
+    for stage in STAGES:
+        module = importlib.import_module(f"tasks.{stage}")
+        lines.append(module.describe(module.run(params, layout)))
+    out = "\n".join(lines)
+    assert "export: " in out and "parity on 12 val images" in out, out
+    return root, params, layout, out
 
 
 def test_degenerate_boxes_are_reported_and_classes_come_from_the_data(trained):
@@ -115,7 +123,7 @@ def test_the_frozen_backbone_is_byte_identical_after_training(trained):
     weights = torch.load(layout.weights, weights_only=True)
     assert json.loads(layout.card_json.read_text())["weights_sha256"] == sha256_file(layout.weights)
     ckpt = torch.load(layout.checkpoint, weights_only=True)["state_dict"]
-    prefix = "extractor.network."
+    prefix = "backbone."
     saved = {k[len(prefix):]: v for k, v in ckpt.items() if k.startswith(prefix)}
     assert saved.keys() == weights.keys()
     assert all(torch.equal(saved[k], weights[k]) for k in weights)  # BatchNorm running stats included
@@ -128,9 +136,17 @@ def test_export_parity_holds_and_boxes_map_back_to_original_pixels(trained):
     root, _, layout, _ = trained
     parity = read_json(layout.parity)
     assert parity["passed"] and parity["match_rate"] == 1.0 and parity["n"] == 12
+    assert parity["score_tolerance"] == 1e-4 and parity["max_score_diff"] <= 1e-4  # export.parity_tolerance
     session, _ = open_session(layout.model_onnx, device="cpu")
     meta = session.get_modelmeta().custom_metadata_map
     assert meta["task"] == "detection" and json.loads(meta["labels"]) == ["blue", "red"]
+    # the cut-offs are the model's, stored once (checkpoint meta["postprocess"]) and read from there
+    ckpt = torch.load(layout.checkpoint, weights_only=True)["meta"]
+    assert ckpt["postprocess"] == {"score_threshold": 0.05, "nms_threshold": 0.6, "pre_nms_top_k": 1000,
+                                   "max_detections": 100}
+    assert not set(ckpt["postprocess"]) & set(ckpt["params"])
+    assert (float(meta["score_threshold"]), float(meta["nms_threshold"]), int(meta["max_detections"])) == (0.05, 0.6, 100)
+    assert json.loads(meta["params"])["score_threshold"] == 0.05
     card = PreprocessingCard.from_dict({k: v for k, v in json.loads(meta["preprocessing"]).items() if k != "input"})
     assert card.resize_mode == "stretch" and card.input_size == (96, 128)
 
@@ -249,10 +265,10 @@ def test_jitter_moves_the_boxes_with_the_pixels():
 def test_augmented_training_runs_the_backbone_every_step_and_still_learns(trained, monkeypatch):
     from tasks.dense import DenseExtractor
     from tasks.detection.metrics import coco_eval
-    from tasks.detection.train import detect_cached, ground_truth, train_detector
+    from tasks.detection.predict import detect_cached, ground_truth
+    from tasks.detection.train import train_detector
 
     root, params, layout, _ = trained
-    monkeypatch.chdir(root.parents[1])  # the project: the manifest's image paths are relative to it
     calls = []
     forward = DenseExtractor.forward
     monkeypatch.setattr(DenseExtractor, "forward", lambda self, x: calls.append(len(x)) or forward(self, x))
@@ -263,3 +279,73 @@ def test_augmented_training_runs_the_backbone_every_step_and_still_learns(traine
     gt = ground_truth(annotations, dataset, "val")
     dets = detect_cached(detector, layout.feature_cache().load(mmap=True), "val", list(range(len(gt))), layout.card(), gt)
     assert coco_eval(gt, dets, dataset.classes)["ap50"] >= 0.85
+
+
+def test_the_same_params_and_seed_give_the_same_head(trained):
+    from tasks.detection.train import train_detector
+
+    _, params, layout, _ = trained
+    p = params.model_copy(update={"detection": params.detection.model_copy(update={"epochs": 3})})
+    dataset, annotations = layout.dataset(), read_json(layout.annotations)
+    (a, history_a, summary_a), (b, history_b, summary_b) = (train_detector(p, layout, dataset, annotations)
+                                                              for _ in range(2))
+    assert summary_a == summary_b and [r["select_map"] for r in history_a] == [r["select_map"] for r in history_b]
+    sa, sb = a.head.state_dict(), b.head.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ---------------------------------------------------------------- the parity gate at the cut-offs
+
+
+def dets(*rows, k: int = 4):
+    """(boxes [K, 4], scores [K], labels [K]) from (box, score, label) rows, padded to K as the graph pads."""
+    boxes, scores, labels = np.zeros((k, 4), np.float32), np.zeros(k, np.float32), np.full(k, -1, np.int64)
+    for i, (box, score, label) in enumerate(rows):
+        boxes[i], scores[i], labels[i] = box, score, label
+    return boxes, scores, labels
+
+
+def test_parity_forgives_a_detection_that_noise_puts_across_a_cut_off_and_nothing_else():
+    from tasks.detection.parity import image_parity
+
+    tol, thr, nms, k = 1e-4, 0.05, 0.5, 4
+    a, b = ([0, 0, 10, 10], 0.9, 0), ([40, 40, 60, 60], 0.7, 1)
+
+    def check(onnx_rows, torch_rows, kk=k):
+        return image_parity(dets(*onnx_rows, k=kk), dets(*torch_rows, k=kk), thr, nms, kk, tol)
+
+    ok, d = check([a, b], [a, b])
+    assert ok and d["unmatched"] == 0 and d["ties"] == {"threshold": 0, "top_k": 0, "nms": 0}
+    ok, d = check([a, (b[0], b[1] + 2e-4, 1)], [a, b])  # a matched pair beyond the tolerance
+    assert not ok and d["max_score_diff"] > tol
+
+    # the score threshold: a detection only one side keeps, scoring within the tolerance of it
+    near = ([20, 20, 30, 34], thr + 0.4 * tol, 0)
+    ok, d = check([a, b], [a, b, near])
+    assert ok and d["ties"]["threshold"] == 1 and d["unmatched"] == 0
+    ok, d = check([a, b], [a, b, ([20, 20, 30, 34], thr + 50 * tol, 0)])
+    assert not ok and d["unmatched"] == 1
+
+    # the K-th score: both outputs full (K = 2), the last row another detection of (nearly) the same score
+    c, e = ([20, 20, 30, 34], 0.5, 0), ([70, 5, 90, 25], 0.5 + 0.5 * tol, 1)
+    ok, d = check([a, c], [a, e], kk=2)
+    assert ok and d["ties"]["top_k"] == 2 and d["unmatched"] == 0
+    ok, d = check([a, c], [a, ([70, 5, 90, 25], 0.6, 1)], kk=2)
+    assert not ok and d["unmatched"] == 2
+    ok, d = check([a, c], [a, e], kk=3)  # not full: the K-th score is no cut-off
+    assert not ok
+
+    # NMS: a box overlapping a kept one of its class with IoU at the NMS threshold (suppressed on one side only)
+    x = np.float32(10 / 3)  # [x, 0, x + 10, 10] against [0, 0, 10, 10]: IoU (10 - x) / (10 + x) = 0.5
+    tied = ([x, 0, x + 10, 10], 0.3, 0)
+    ok, d = check([a, b, tied], [a, b])
+    assert ok and d["ties"]["nms"] == 1
+    x = np.float32(10 * 0.7 / 1.3)  # IoU 0.3: well under the threshold, so no tie
+    ok, d = check([a, b, ([x, 0, x + 10, 10], 0.3, 0)], [a, b])
+    assert not ok and d["unmatched"] == 1
+    # ... or NMS keeping the other of two overlapping boxes whose scores tie
+    twin = ([1, 0, 11, 10], 0.9 + 0.5 * tol, 0)
+    ok, d = check([a, b], [twin, b])
+    assert ok and d["ties"]["nms"] == 2
+    ok, d = check([a, b], [([1, 0, 11, 10], 0.95, 0), b])
+    assert not ok

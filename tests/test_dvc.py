@@ -40,7 +40,7 @@ def test_plots_render(repo):
 def test_changing_a_train_param_leaves_data_backbone_and_features_up_to_date(repo):
     original = (repo / "params.yaml").read_text()
     params = yaml.safe_load(original)
-    params["train"]["epochs"] = params["train"]["epochs"] + 1
+    params["classification"]["epochs"] = params["classification"]["epochs"] + 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         assert changed_stages(repo) == {"train"}  # status names the stage whose own deps changed
@@ -55,7 +55,7 @@ def test_changing_a_train_param_leaves_data_backbone_and_features_up_to_date(rep
 
 
 def test_experiment_reuses_cached_stages(repo):
-    r = sh(["dvc", "exp", "run", "-S", "train.l2=[0.05]"], repo)
+    r = sh(["dvc", "exp", "run", "-S", "classification.l2=[0.05]"], repo)
     out = r.stdout + r.stderr
     for stage in ("prepare", "backbone", "features"):
         assert f"'{stage}' didn't change, skipping" in out or f"'{stage}' is cached" in out, out
@@ -72,9 +72,11 @@ def test_push_versions_data_and_checkpoints_in_the_local_remote(repo):
 
 
 @pytest.mark.parametrize("module, expected", [
-    ("tasks/runtime.py", {"select", "features", "export"}),
     ("tasks/train.py", {"train"}),
-    ("tasks/model.py", {"select", "backbone", "features", "train", "evaluate", "export"}),
+    ("tasks/plots.py", {"evaluate"}),
+    ("tasks/network.py", {"select", "backbone", "features", "train", "evaluate", "export"}),
+    ("tasks/classification/evaluate.py", {"prepare", "backbone", "features", "train", "evaluate", "export"}),
+    ("tasks/detection/train.py", set()),  # another task's package: nothing of this classification run
 ])
 def test_editing_a_module_makes_exactly_its_dependants_stale(repo, module, expected):
     path = repo / module
@@ -85,3 +87,26 @@ def test_editing_a_module_makes_exactly_its_dependants_stale(repo, module, expec
     finally:
         path.write_text(original)
     assert changed_stages(repo) == set()
+
+
+def test_another_tasks_params_make_nothing_stale(repo):
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["segmentation"]["lr"] = params["segmentation"]["lr"] * 2
+    params["multilabel"]["features"]["flip"] = not params["multilabel"]["features"]["flip"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert changed_stages(repo) == set()
+    finally:
+        (repo / "params.yaml").write_text(original)
+
+
+def test_the_tasks_feature_params_make_backbone_and_features_stale(repo):
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["classification"]["features"]["flip"] = True
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert changed_stages(repo) == {"backbone", "features", "train"}
+    finally:
+        (repo / "params.yaml").write_text(original)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_params
-from tasks.evaluate import classification_metrics, expected_calibration_error
+from tasks.classification.metrics import classification_metrics, expected_calibration_error
 from tasks.files import read_json
 
 
@@ -58,7 +58,7 @@ def test_evaluate_writes_every_report(imagefolder, workdir):
 
 
 def test_bootstrap_interval_is_reproducible_and_brackets_the_score():
-    from tasks.evaluate import bootstrap_ci
+    from tasks.classification.metrics import bootstrap_ci
 
     rng = np.random.default_rng(1)
     y = rng.integers(0, 3, 150)

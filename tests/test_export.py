@@ -11,16 +11,24 @@ import pytest
 import torch
 
 from conftest import ROOT, export_, tiny_params
-from tasks.export import ExportError, check_parity, eval_batches, export_onnx
+from tasks.checkpoint import load_model
+from tasks.classification.export import ExportModel, check_parity
+from tasks.classification.int8 import eval_batches
+from tasks.export import ExportError
 from tasks.files import read_json
+from tasks.head import load_classifier as classifier_of
 from tasks.layout import Layout
-from tasks.model import load_classifier
+from tasks.onnxfile import export_images_model
 from tasks.preprocess import load_image
 from tasks.runtime import CPU, open_session
 
 
 def load_dataset(prepared):
     return Layout(prepared.parent.parent).dataset()
+
+
+def load_classifier(w):
+    return classifier_of(load_model(w.layout, "classification"))
 
 
 @pytest.fixture
@@ -42,7 +50,7 @@ def test_parity_gate_passes_and_onnx_accuracy_is_pytorch_accuracy(exported):
 
 def test_dynamic_batch_and_the_same_answers_as_pytorch(exported):
     w, _, r = exported
-    model, meta = load_classifier(w.models / "model.pt")
+    model = load_classifier(w)
     ds = load_dataset(w.prepared)
     pixels = np.stack([load_image(ds.resolve(it), model.features.card) for it in ds.items[:7]])
     session, provider = open_session(r.model_path, device="cpu")
@@ -62,6 +70,7 @@ def test_metadata_round_trips_through_onnxruntime(exported):
     w, params, r = exported
     session, _ = open_session(r.model_path, device="cpu")
     meta = session.get_modelmeta().custom_metadata_map
+    assert meta["task"] == "classification"
     assert json.loads(meta["labels"]) == ["circles", "squares", "stripes"]
     card = json.loads(meta["preprocessing"])
     assert card["input_size"] == [224, 224] and card["resize_size"] == 256 and card["mean"] == [0.5, 0.5, 0.5]
@@ -69,7 +78,7 @@ def test_metadata_round_trips_through_onnxruntime(exported):
     assert meta["dataset_sha256"] == load_dataset(w.prepared).manifest_sha256
     metrics = json.loads(meta["metrics"])
     assert metrics["onnx_accuracy"] == read_json(w.reports / "parity.json")["onnx_accuracy"]
-    assert json.loads(meta["params"])["head"] == params.train.head
+    assert json.loads(meta["params"])["head"] == params.classification.head
     assert meta["created"].endswith("+00:00") and "torch" in meta["producer"]
     assert (r.model_path.parent / "labels.txt").read_text().split() == ["circles", "squares", "stripes"]
 
@@ -78,17 +87,15 @@ def test_a_tampered_head_fails_the_gate_and_nothing_is_written(exported, monkeyp
     w, params, r = exported
     before = r.model_path.read_bytes()
 
-    import tasks.export as ex
+    import tasks.classification.export as ex
 
-    real = ex.export_onnx
-
-    def tampered(classifier, card, path, opset=17, ood=None):
-        evil = __import__("copy").deepcopy(classifier)
+    def tampered(model, input_hw, path, outputs, opset=17):
+        evil = __import__("copy").deepcopy(model)
         with torch.no_grad():
-            evil.head[-1].weight.add_(0.5 * torch.randn_like(evil.head[-1].weight))
-        real(evil, card, path, opset, ood)
+            evil.classifier.head[-1].weight.add_(0.5 * torch.randn_like(evil.classifier.head[-1].weight))
+        export_images_model(evil, input_hw, path, outputs, opset)
 
-    monkeypatch.setattr(ex, "export_onnx", tampered)
+    monkeypatch.setattr(ex, "export_images_model", tampered)
     with pytest.raises(ExportError, match="parity gate failed"):
         export_(w, params)
     assert r.model_path.read_bytes() == before  # the previous deployable model is untouched
@@ -98,11 +105,12 @@ def test_a_tampered_head_fails_the_gate_and_nothing_is_written(exported, monkeyp
 
 def test_check_parity_counts_disagreements(exported, tmp_path):
     w, params, r = exported
-    model, _ = load_classifier(w.models / "model.pt")
+    model = load_classifier(w)
     evil = __import__("copy").deepcopy(model)
     with torch.no_grad():
         evil.head[-1].bias.copy_(torch.tensor([100.0, 0.0, 0.0]))  # always "circles"
-    export_onnx(evil, model.features.card, tmp_path / "evil.onnx")
+    export_images_model(ExportModel(evil), model.features.card.input_size, tmp_path / "evil.onnx",
+                        ["probabilities", "logits"])
     ds = load_dataset(w.prepared)
     q = check_parity(tmp_path / "evil.onnx", model, eval_batches(ds, "test", model.features.card, 8, 1), 1e-4)
     assert not q["passed"] and q["argmax_agreement"] < 1.0
@@ -149,7 +157,7 @@ def test_int8_is_written_only_when_accuracy_holds(imagefolder, workdir):
         params = base.model_copy(update={"export": base.export.model_copy(update=dict(
             quantize="int8", max_int8_drop=max_drop, calibration_images=16))})
         r = export_(workdir, params)
-        i = r.int8
+        i = r.parity["int8"]
         assert i["written"] == (i["acc_drop_pp"] <= max_drop)
         assert (r.model_path.parent / "model.int8.onnx").exists() == i["written"]
         assert i["int8_over_fp32_b1"] > 0 and "fp32_img_s_b32" in i

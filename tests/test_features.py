@@ -117,7 +117,7 @@ def test_8_bit_images_decode_as_before_the_bit_depth_rescale(mode):
 
 
 def test_multi_layer_and_flip_features_travel_with_the_card_into_the_exported_model(imagefolder, tmp_path):
-    """features.layers: multi + features.flip: the card records them, features.onnx and the exported
+    """classification.features.layers: multi + .flip: the card records them, features.onnx and the exported
     classifier compute them (parity gate), the cache key changes, and flipped images give the same vector."""
     import onnxruntime as ort
 
@@ -131,7 +131,7 @@ def test_multi_layer_and_flip_features_travel_with_the_card_into_the_exported_mo
     data.run(plain, layout)
     backbone.run(plain, layout)
     key_last = features.run(plain, layout).key
-    params = parse_params({**raw, "features": {"batch_size": 8, "layers": "multi", "flip": True}})
+    params = parse_params({**raw, "classification": {"features": {"layers": "multi", "flip": True}}})
     card = backbone.run(params, layout).card
     assert card.extra["layers"] == "multi" and card.extra["flip"] is True
     assert card.feature_dim == 16 + 24 + 40 + 112 + 320 + 1280  # Lite0's 5 stages' pooled maps, then its last features
@@ -151,17 +151,18 @@ def test_multi_layer_and_flip_features_travel_with_the_card_into_the_exported_mo
     assert out.get_outputs()[0].shape[-1] == len(layout.dataset().classes)
 
 
-def test_feature_options_are_refused_for_dense_tasks():
+def test_pooled_feature_options_are_not_params_of_dense_tasks():
     from tasks.config import ConfigError, parse_params
 
-    with pytest.raises(ConfigError, match="features.layers / features.flip"):
-        parse_params({"task": "detection", "data": {"dataset": "voc"}, "features": {"layers": "multi"}})
+    with pytest.raises(ConfigError, match="detection.features.layers"):
+        parse_params({"task": "detection", "data": {"dataset": "voc"}, "detection": {"features": {"layers": "multi"}}})
 
 
 def test_multi_layer_features_of_a_resnet_are_its_stages_then_its_pooled_features():
     import torch
 
-    from tasks.model import FeatureExtractor, build_network
+    from tasks.network import build_network
+    from tasks.pooled import FeatureExtractor
 
     net = build_network("torchvision:resnet18").eval()  # untrained weights: only the shapes and the last part matter
     card = PreprocessingCard(input_size=(64, 64), resize_size=64, interpolation="bilinear", mean=(0.5,) * 3,

@@ -64,12 +64,14 @@ def test_exported_model_outputs_ood_score_equal_to_pytorch_with_its_threshold(ex
     assert [o.name for o in session.get_outputs()] == ["probabilities", "logits", "ood_score"]
     meta = session.get_modelmeta().custom_metadata_map
     threshold = float(meta["ood_threshold"])
-    scorer, thr = load_ood(w.layout.classifier)
+    from tasks.checkpoint import load_model
+    from tasks.head import load_classifier
+
+    ckpt = load_model(w.layout, "classification")
+    scorer, thr = load_ood(ckpt.extra)
     assert threshold == thr and json.loads(meta["ood"])["calibrated_on"] == "val"
     ds = w.layout.dataset()
-    from tasks.model import load_classifier
-
-    model, _ = load_classifier(w.layout.classifier)
+    model = load_classifier(ckpt)
     card = model.features.card
     inside = np.stack([load_image(ds.resolve(it), card) for it in ds.split("test")])
     noise = np.random.default_rng(0).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)  # nothing like the shapes

@@ -54,12 +54,63 @@ def import_closure(module: str) -> set[str]:
     return {f.relative_to(ROOT).as_posix() for f in seen.values() if f.name != "__init__.py"}
 
 
+def parts_called(module: str) -> set[str]:
+    """The task parts a stage module looks up: every `registry.part(<task>, "<part>")` in its source."""
+    out = set()
+    for node in ast.walk(ast.parse(module_file(module).read_text())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "part"
+                and len(node.args) == 2 and isinstance(node.args[1], ast.Constant)):
+            out.add(node.args[1].value)
+    return out
+
+
+def stage_code(stage: str) -> set[str]:
+    """What a stage's code is: its module's import closure, and for every task the shared files (outside
+    tasks/<task>/) that the parts it calls import; tasks/<task>/ itself is one dep, `tasks/${task}`."""
+    from tasks.registry import TASKS
+
+    files = import_closure(STAGE_MODULES[stage])
+    for task in TASKS:
+        for part in parts_called(STAGE_MODULES[stage]):
+            files |= {f for f in import_closure(f"tasks.{task}.{part}") if not f.startswith(f"tasks/{task}/")}
+    return files
+
+
 @pytest.mark.parametrize("stage", sorted(DVC))
 def test_dvc_code_deps_are_the_stage_import_closure(stage):
     listed = {d for d in DVC[stage]["deps"] if isinstance(d, str) and d.endswith(".py")}
-    closure = import_closure(STAGE_MODULES[stage])
+    closure = stage_code(stage)
     assert listed == closure, (f"dvc.yaml stage {stage!r}: missing {sorted(closure - listed)}, "
                                f"not imported {sorted(listed - closure)}")
+    if parts_called(STAGE_MODULES[stage]):  # the chosen task's package, whatever it is
+        assert "tasks/${task}" in DVC[stage]["deps"], f"dvc.yaml stage {stage!r}: add tasks/${{task}} to its deps"
+
+
+@pytest.mark.parametrize("task", sorted(__import__("tasks.registry").registry.TASKS))
+def test_every_registered_task_implements_the_whole_interface(task):
+    from tasks import registry
+
+    for part, names in registry.PARTS.items():
+        module = registry.part(task, part)
+        missing = [n for n in names if not hasattr(module, n)]
+        assert not missing, f"tasks/{task}/{part}.py lacks {missing}"
+    assert registry.part(task, "features").KIND.__name__ in ("tasks.pooled", "tasks.dense")
+
+
+@pytest.mark.parametrize("task", sorted(__import__("tasks.registry").registry.TASKS))
+def test_task_summaries_and_serving_parts_do_not_import_torch(task):
+    code = (f"import sys, tasks.{task}.summary, tasks.{task}.serve; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+@pytest.mark.parametrize("stage", sorted(DVC))
+def test_no_stage_module_compares_the_task(stage):
+    """Stages look the task up in the registry; they never branch on its name."""
+    import re
+
+    source = module_file(STAGE_MODULES[stage]).read_text()
+    assert not re.findall(r"task\s*(==|!=)|task in |\.task\s*(==|!=)", source)
 
 
 @pytest.mark.parametrize("stage", sorted(DVC))
@@ -91,8 +142,8 @@ def test_committed_json_schema_is_current():
 
 BROKEN_PARAMS = {
     "unknown key": ("data:\n  datset: digits\n", "did you mean 'dataset'"),
-    "wrong type": ("train:\n  epochs: many\n", "train.epochs: expected int"),
-    "yaml syntax": ("train: [unclosed\n", "not valid YAML at line"),
+    "wrong type": ("classification:\n  epochs: many\n", "classification.epochs: expected int"),
+    "yaml syntax": ("classification: [unclosed\n", "not valid YAML at line"),
 }
 
 

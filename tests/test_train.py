@@ -6,7 +6,8 @@ import torch
 
 from conftest import tiny_params
 from tasks.files import read_json
-from tasks.model import load_classifier
+from tasks.checkpoint import load_model
+from tasks.head import load_classifier
 
 
 def backbone_bytes(state: dict) -> dict:
@@ -16,7 +17,7 @@ def backbone_bytes(state: dict) -> dict:
 
 def classifier_backbone(models_dir) -> dict:
     ckpt = torch.load(models_dir / "model.pt", weights_only=True)
-    return {k[len("features.network."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("features.network.")}
+    return {k[len("backbone."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
 
 
 @pytest.mark.parametrize("train", [{}, {"optimizer": "adamw"}, {"augment": True, "epochs": 2}])
@@ -26,7 +27,7 @@ def test_backbone_state_is_byte_identical_after_training(imagefolder, workdir, b
     workdir.prepare(params)
     workdir.features_(params)
     workdir.train(params)
-    assert read_json(workdir.reports / "train.json")["solver"] == params.train.solver
+    assert read_json(workdir.reports / "train.json")["solver"] == params.classification.solver
     after = backbone_bytes(classifier_backbone(workdir.models))
     assert after.keys() == before.keys()
     assert [k for k in before if before[k] != after[k]] == []
@@ -71,11 +72,13 @@ def test_classifier_checkpoint_loads_safely_and_matches_the_features_path(imagef
     params = tiny_params(imagefolder)
     metrics = workdir.run_all(params).metrics
     assert metrics["accuracy"] >= 0.8  # three visually distinct classes
-    model, meta = load_classifier(workdir.models / "model.pt")
-    assert meta["labels"] == ["circles", "squares", "stripes"]
+    ckpt = load_model(workdir.layout, "classification", workdir.layout.dataset())
+    model = load_classifier(ckpt)
+    assert ckpt.meta["labels"] == ["circles", "squares", "stripes"] and ckpt.meta["task"] == "classification"
     st = load_file(str(workdir.models / "model.safetensors"))
-    assert all(torch.equal(st[k], v) for k, v in model.state_dict().items() if k in st)
-    assert set(st) == set(torch.load(workdir.models / "model.pt", weights_only=True)["state_dict"])
+    state = torch.load(workdir.models / "model.pt", weights_only=True)["state_dict"]
+    assert set(st) == set(state) and all(torch.equal(st[k], v) for k, v in state.items())
+    assert all(torch.equal(st[f"head.{k}"], v) for k, v in model.head.state_dict().items())
 
     # The full classifier on pixels == the head on cached (onnxruntime) features.
     from tasks.preprocess import load_image
@@ -119,7 +122,7 @@ def test_reference_recipe_optimizer_settings_run(imagefolder, workdir):
 ])
 def test_auto_optimizer_builds_the_optimizer_it_names(train, expected):
     from tasks.config import parse_params
-    from tasks.train import make_optimizer
+    from tasks.head import make_optimizer
 
-    opt = make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(2))]}], parse_params({"train": train}).train)
+    opt = make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(2))]}], parse_params({"classification": train}).classification)
     assert type(opt).__name__ == expected

@@ -18,11 +18,13 @@ import numpy as np
 import torch
 
 from tasks.config import Params
+from tasks.dense import load_maps
 from tasks.detection.metrics import coco_eval
 from tasks.detection.model import load_detector
-from tasks.detection.train import detect_cached, ground_truth
-from tasks.files import read_json, write_json, write_text
-from tasks.layout import ArtifactError, Layout
+from tasks.detection.predict import detect_cached, ground_truth, read_annotations
+from tasks.files import write_json, write_text
+from tasks.layout import Layout
+from tasks.plots import new_figure, save_png
 
 SHOW_THRESHOLD = 0.3  # detections drawn and counted in the pictures (mAP uses them all)
 
@@ -52,12 +54,7 @@ def match(gt: dict, det: dict, iou: float = 0.5) -> dict:
 
 
 def plot_pr(pr: dict, path: Path) -> None:
-    from matplotlib.figure import Figure
-
-    from tasks.files import atomic_path
-
-    fig = Figure(figsize=(5.5, 4.5), layout="constrained")
-    ax = fig.subplots()
+    fig, ax = new_figure((5.5, 4.5))
     for name, curve in pr.items():
         ax.plot(curve["recall"], curve["precision"], label=name)
     ax.set_xlim(0, 1)
@@ -66,20 +63,17 @@ def plot_pr(pr: dict, path: Path) -> None:
     ax.set_ylabel("precision")
     ax.set_title("precision-recall at IoU 0.5")
     ax.legend(loc="lower left")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    save_png(fig, path)
 
 
 def plot_examples(panels: list[tuple[str, Path, dict, dict]], classes: list[str], path: Path) -> None:
     """One panel per (title, image, ground truth, detections): green = ground truth, red = predictions."""
-    from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    from tasks.files import atomic_path
     from tasks.preprocess import decode_rgb
 
-    fig = Figure(figsize=(5 * len(panels), 4.4), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    fig, axes = new_figure((5 * len(panels), 4.4), 1, len(panels))
+    axes = np.atleast_1d(axes).ravel()
     for ax, (title, image, gt, det) in zip(axes, panels):
         img = decode_rgb(image, 10**6)
         ax.imshow(np.asarray(img))
@@ -93,20 +87,19 @@ def plot_examples(panels: list[tuple[str, Path, dict, dict]], classes: list[str]
                     bbox={"facecolor": "red", "alpha": 0.6, "pad": 0.5, "lw": 0})
         ax.set_title(title, fontsize=9)
         ax.set_axis_off()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
+    save_png(fig, path, dpi=90)
 
 
-def evaluate_detection(params: Params, layout: Layout, out_dir: Path) -> dict:
+def evaluate(params: Params, layout: Layout, out_dir: Path) -> dict:
+    """The evaluate stage for detection: the metrics (reports/metrics.json) and, into `out_dir`, the tables and
+    pictures above."""
     dataset = layout.dataset()
     split = dataset.eval_split
-    detector, meta = load_detector(layout.checkpoint, with_backbone=False)
-    if meta.get("manifest_sha256") != dataset.manifest_sha256:
-        raise ArtifactError("the detector was trained on another version of the data: re-run train (dvc repro train)")
-    annotations = read_json(layout.annotations)
-    gts = ground_truth(annotations, dataset, split)
-    card = layout.card()
-    dets = detect_cached(detector, layout.feature_cache().load(mmap=True), split, list(range(len(gts))), card, gts)
+    detector, ckpt = load_detector(layout, dataset, with_backbone=False)
+    meta = ckpt.meta
+    gts = ground_truth(read_annotations(layout), dataset, split)
+    card = ckpt.card
+    dets = detect_cached(detector, load_maps(layout, "detection"), split, list(range(len(gts))), card, gts)
     r = coco_eval(gts, dets, dataset.classes)
 
     items = dataset.split(split)
@@ -129,7 +122,7 @@ def evaluate_detection(params: Params, layout: Layout, out_dir: Path) -> dict:
                dataset.resolve(items[i]), gts[i], dets[i]) for why, i in picks]
     plot_examples(panels, dataset.classes, out_dir / "examples.png")
     return {
-        "task": "detection", "map": round(r["map"], 6), "ap50": round(r["ap50"], 6), "ap75": round(r["ap75"], 6),
+        "map": round(r["map"], 6), "ap50": round(r["ap50"], 6), "ap75": round(r["ap75"], 6),
         "ap50_per_class": {c: round(v["ap50"], 6) for c, v in r["per_class"].items()},
         "ap_per_class": {c: round(v["ap"], 6) for c, v in r["per_class"].items()},
         "recall_per_class": {c: round(v["recall"], 6) for c, v in r["per_class"].items()},

@@ -5,12 +5,17 @@ GIoU loss, centerness), `FCOS.compute_loss` (center sampling and scale ranges), 
 generator and `ops.nms`. What is ours is post-processing written for a fixed-size, batched
 graph: the same function runs in PyTorch (evaluation) and inside the ONNX file (serving), so
 the exported model outputs final detections: boxes [N, K, 4], scores [N, K], labels [N, K].
+
+The post-processing settings (score threshold, NMS threshold, top-k, K) belong to the model: they are chosen
+from params once, when the detector is built for training, and from then on live in one place, the detector's
+`post`, saved as the checkpoint's meta["postprocess"]; evaluation, the exported graph, its metadata and the
+parity gate all read them from there.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -20,13 +25,8 @@ from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import FeaturePyramidNetwork, nms
 
-from tasks.dense import (
-    STRIDES,
-    DenseExtractor,
-    load_dense_model,
-    map_shapes,
-    save_dense_model,
-)
+from tasks.dense import STRIDES, DenseExtractor, map_shapes
+from tasks.preprocess import PreprocessingCard
 
 
 class DetectionHead(nn.Module):
@@ -37,7 +37,7 @@ class DetectionHead(nn.Module):
         self.fpn = FeaturePyramidNetwork(list(in_channels), width)
         self.head = FCOSHead(width, 1, num_classes, num_convs)
         self.out_channels = width  # what torchvision's FCOS asks of a backbone
-        self.num_classes = num_classes
+        self.num_classes, self.num_convs = num_classes, num_convs
 
     def forward(self, maps: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         levels = self.fpn(OrderedDict((str(i), m) for i, m in enumerate(maps)))
@@ -56,6 +56,21 @@ def make_anchors(input_size: tuple[int, int], map_sizes: list[tuple[int, int]]) 
 def loss_helper(head: DetectionHead, center_sampling_radius: float = 1.5) -> FCOS:
     """torchvision's FCOS, used only for its compute_loss (matching + focal/GIoU/centerness losses)."""
     return FCOS(head, head.num_classes, head=head.head, center_sampling_radius=center_sampling_radius)
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    """What turns head outputs into final detections; part of the model (and of its ONNX graph)."""
+
+    score_threshold: float
+    nms_threshold: float
+    pre_nms_top_k: int
+    max_detections: int
+
+    @classmethod
+    def from_params(cls, d) -> PostProcess:
+        """`d`: the detection section of params (read when a detector is built for training, and only then)."""
+        return cls(float(d.score_threshold), float(d.nms_threshold), int(d.pre_nms_top_k), int(d.max_detections))
 
 
 def postprocess(out: dict[str, torch.Tensor], anchors: torch.Tensor, input_size: tuple[int, int],
@@ -95,43 +110,51 @@ class Detector(nn.Module):
     """uint8 pixels [N, H, W, 3] -> boxes [N, K, 4] (input pixels), scores [N, K], labels [N, K] (int64, -1 = none)."""
 
     def __init__(self, extractor: DenseExtractor | None, head: DetectionHead, anchors: torch.Tensor,
-                 input_size: tuple[int, int], score_threshold: float, nms_threshold: float, pre_nms_top_k: int,
-                 max_detections: int):
+                 input_size: tuple[int, int], post: PostProcess):
         super().__init__()
         self.extractor, self.head = extractor, head
         self.register_buffer("anchors", anchors, persistent=False)
         self.input_size = tuple(input_size)
-        self.settings = (score_threshold, nms_threshold, pre_nms_top_k, max_detections)
+        self.post = post
 
     def detect(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """From backbone maps (cached ones in training and evaluation)."""
-        return postprocess(self.head(maps), self.anchors, self.input_size, *self.settings)
+        p = self.post
+        return postprocess(self.head(maps), self.anchors, self.input_size, p.score_threshold, p.nms_threshold,
+                           p.pre_nms_top_k, p.max_detections)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.detect(self.extractor(pixels))
 
 
-# ---------------------------------------------------------------- checkpoint
-
-
-def save_detector(detector: Detector, layout, classes: list[str], params, extra: dict) -> Path:
-    """model.pt (frozen backbone + head, weights_only-loadable), model.safetensors, head.pt, labels.json."""
-    d = params.detection
-    return save_dense_model(layout, detector.head, classes, {
-        "task": "detection", "card": layout.card().to_dict(), "labels": classes, "detection": d.model_dump(),
-        "head": {"width": d.width, "num_convs": d.num_convs}, **extra})
-
-
-def load_detector(path, with_backbone: bool = True) -> tuple[Detector, dict]:
-    """The detector from model.pt (weights_only); without the backbone when only cached maps will be scored."""
-    from tasks.model import freeze
-
-    meta, card, head_state, extractor = load_dense_model(path, "detection", with_backbone)
-    d = meta["detection"]
+def build_detector(card: PreprocessingCard, num_classes: int, width: int, num_convs: int, post: PostProcess,
+                   extractor: DenseExtractor | None = None) -> Detector:
+    """A new (or, loaded into, a saved) detector for the card's input size and map shapes."""
     shapes = map_shapes(card)
     anchors, _ = make_anchors(card.input_size, [(h, w) for _, h, w in shapes])
-    head = DetectionHead([c for c, _, _ in shapes], len(meta["labels"]), d["width"], d["num_convs"])
-    head.load_state_dict(head_state)
-    detector = Detector(extractor, head, anchors, card.input_size, d["score_threshold"], d["nms_threshold"],
-                        d["pre_nms_top_k"], d["max_detections"])
-    return freeze(detector), meta
+    head = DetectionHead([c for c, _, _ in shapes], num_classes, width, num_convs)
+    return Detector(extractor, head, anchors, card.input_size, post)
+
+
+# ---------------------------------------------------------------- checkpoint (tasks/checkpoint.py)
+
+
+def model_meta(detector: Detector) -> dict:
+    """What model.pt keeps besides the weights to rebuild this detector: the head's shape, its post-processing."""
+    return {"head": {"width": detector.head.out_channels, "num_convs": detector.head.num_convs},
+            "postprocess": asdict(detector.post)}
+
+
+def load_detector(layout, dataset=None, with_backbone: bool = True):
+    """(detector, checkpoint) from model.pt (tasks.checkpoint.load_model: the task and the data version checked);
+    without the backbone when only cached maps will be scored."""
+    from tasks.checkpoint import backbone_network, load_model
+    from tasks.network import freeze
+
+    ckpt = load_model(layout, "detection", dataset)
+    h = ckpt.meta["head"]
+    extractor = DenseExtractor(backbone_network(ckpt), ckpt.card) if with_backbone else None
+    detector = build_detector(ckpt.card, len(ckpt.labels), h["width"], h["num_convs"],
+                              PostProcess(**ckpt.meta["postprocess"]), extractor)
+    detector.head.load_state_dict(ckpt.head_state)
+    return freeze(detector), ckpt

@@ -13,9 +13,10 @@ its (EXIF-oriented) image, or holding values the label map does not name is repo
 data/prepared/report.json and its image skipped; the run goes on. Class indices are the label map's classes in
 value order; ignore pixels become IGNORE (255) everywhere after prepare.
 
-The features stage caches each image's mask at the loss resolution (input size / segmentation.loss_stride, the
-majority label of each cell, ignore only where ignore is the majority): the loss is computed there, where it is
-cheap, and the metrics on the original masks, at every original pixel.
+The features stage caches each image's mask at the loss resolution (input size /
+segmentation.features.loss_stride, the majority label of each cell, ignore only where ignore is the majority;
+tasks/segmentation/features.py): the loss is computed there, where it is cheap, and the metrics on the original
+masks, at every original pixel.
 """
 
 from __future__ import annotations
@@ -258,40 +259,22 @@ def label_size(input_size: tuple[int, int], stride: int) -> tuple[int, int]:
     return input_size[0] // stride, input_size[1] // stride
 
 
-def write_labels(create, layout, dataset, card, counts: dict[str, int], flip_train: bool, stride: int) -> None:
-    """Into the feature cache: `y_<split>` uint8 [N, H/stride, W/stride] (+ `y_train_flip`), the loss targets."""
-    from tasks.files import read_json
-
-    meta = read_json(layout.masks)
-    lut = LabelMap(meta["classes"], meta["values"], meta["ignore_values"], meta["palette"]).lut()
-    size = label_size(card.input_size, stride)
-    k = len(meta["classes"])
-    for split, n in counts.items():
-        items = dataset.split(split)
-        arr = create(f"y_{split}", (n, *size), np.uint8)
-        flip = create("y_train_flip", (n, *size), np.uint8) if flip_train and split == "train" else None
-
-        def one(it):
-            return downsample_labels(load_mask(dataset.root / meta["masks"][it.path]["mask"], lut), size, k)
-
-        with ThreadPoolExecutor(2) as pool:
-            for i, y in enumerate(pool.map(one, items)):
-                arr[i] = y
-                if flip is not None:
-                    flip[i] = y[:, ::-1]
+def read_masks(layout: Layout) -> dict:
+    """masks.json (prepare): the label map and each image's mask file; the fix when the prepared data is another
+    task's."""
+    task = layout.read_json(layout.prepared / "dataset.json", {}).get("task")
+    if task != "segmentation" or not layout.masks.exists():
+        raise UserError(f"{layout.prepared} holds a {task or 'classification'} dataset: re-run prepare with "
+                        f"task: segmentation")
+    return read_json(layout.masks)
 
 
-def label_options(params, layout) -> dict:
-    """What the cached labels depend on beyond the images (joins the feature cache key)."""
-    from tasks.files import sha256_file
-
-    return {"loss_stride": params.segmentation.loss_stride, "masks_sha256": sha256_file(layout.masks)}
+def meta_lut(meta: dict) -> np.ndarray:
+    """The value -> class index LUT of masks.json's label map."""
+    return LabelMap(meta["classes"], meta["values"], meta["ignore_values"], meta["palette"]).lut()
 
 
 def ground_truth(layout, dataset, split: str) -> tuple[list[Path], np.ndarray]:
     """The mask files of `split` (image order) and the value -> class index LUT."""
-    from tasks.files import read_json
-
-    meta = read_json(layout.masks)
-    lut = LabelMap(meta["classes"], meta["values"], meta["ignore_values"], meta["palette"]).lut()
-    return [dataset.root / meta["masks"][it.path]["mask"] for it in dataset.split(split)], lut
+    meta = read_masks(layout)
+    return [dataset.root / meta["masks"][it.path]["mask"] for it in dataset.split(split)], meta_lut(meta)

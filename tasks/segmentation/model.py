@@ -10,17 +10,12 @@ argmax there:
 
 from __future__ import annotations
 
-import contextlib
-import os
-from pathlib import Path
-from typing import Iterator
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import Conv2dNormActivation
 
-from tasks.dense import DenseExtractor, load_dense_model, map_shapes, save_dense_model
+from tasks.dense import DenseExtractor, map_shapes
 
 HEAD_STRIDE = 8  # the decoder's output resolution (that of p3)
 
@@ -42,7 +37,7 @@ class SegmentationHead(nn.Module):
         self.lateral3, self.down = nn.Conv2d(c3, fine, 1), nn.Conv2d(width, fine, 1)
         self.fuse = Conv2dNormActivation(fine, fine, 3)
         self.classifier = nn.Conv2d(fine, num_classes, 1)
-        self.num_classes = num_classes
+        self.num_classes, self.width = num_classes, width
 
     def forward(self, maps: list[torch.Tensor]) -> torch.Tensor:
         p3, p4, p5 = maps
@@ -65,50 +60,35 @@ class Segmenter(nn.Module):
         self.extractor, self.head = extractor, head
         self.input_size = tuple(input_size)
 
-    def segment(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def logits(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits at the input size [N, C, H, W], at the head's resolution [N, C, H/8, W/8])."""
         logits = self.head(maps)
-        mask = upsample(logits, self.input_size).argmax(1).to(torch.uint8)
-        return mask, torch.softmax(logits, 1)
+        return upsample(logits, self.input_size), logits
+
+    def segment(self, maps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        full, logits = self.logits(maps)
+        return full.argmax(1).to(torch.uint8), torch.softmax(logits, 1)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.segment(self.extractor(pixels))
 
 
-@contextlib.contextmanager
-def cpu_threads() -> Iterator[int]:
-    """One intra-op thread when the CPU is oversubscribed (1-min load above 1.5x the cores), else torch's default.
-
-    Measured here under load ~10 on 2 cores: a decoder step took 2.2 s with two threads and 0.47 s with one (every
-    op ends at a barrier where a descheduled thread keeps the others waiting); on an idle machine two threads win.
-    """
-    before = torch.get_num_threads()
-    busy = os.getloadavg()[0] > 1.5 * (os.cpu_count() or 1)
-    if busy:
-        torch.set_num_threads(1)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
+# ---------------------------------------------------------------- checkpoint (tasks/checkpoint.py)
 
 
-
-# ---------------------------------------------------------------- checkpoint
-
-
-def save_segmenter(segmenter: Segmenter, layout, classes: list[str], palette: list[list[int]], params,
-                   extra: dict) -> Path:
-    """model.pt (frozen backbone + head, weights_only-loadable), model.safetensors, head.pt, labels.json."""
-    return save_dense_model(layout, segmenter.head, classes, {
-        "task": "segmentation", "card": layout.card().to_dict(), "labels": classes, "palette": palette,
-        "segmentation": params.segmentation.model_dump(), "head": {"width": params.segmentation.width,
-                                                                   "stride": HEAD_STRIDE}, **extra})
+def model_meta(segmenter: Segmenter, palette: list[list[int]]) -> dict:
+    """What model.pt keeps besides the weights to rebuild this segmenter, and the colours of its classes."""
+    return {"head": {"width": segmenter.head.width, "stride": HEAD_STRIDE}, "palette": palette}
 
 
-def load_segmenter(path: Path, with_backbone: bool = True) -> tuple[Segmenter, dict]:
-    """The segmenter from model.pt (weights_only); without the backbone when only cached maps will be scored."""
-    from tasks.model import freeze
+def load_segmenter(layout, dataset=None, with_backbone: bool = True):
+    """(segmenter, checkpoint) from model.pt (tasks.checkpoint.load_model: the task and the data version
+    checked); without the backbone when only cached maps will be scored."""
+    from tasks.checkpoint import backbone_network, load_model
+    from tasks.network import freeze
 
-    meta, card, head_state, extractor = load_dense_model(path, "segmentation", with_backbone)
-    head = SegmentationHead([c for c, _, _ in map_shapes(card)], len(meta["labels"]), meta["head"]["width"])
-    head.load_state_dict(head_state)
-    return freeze(Segmenter(extractor, head, card.input_size)), meta
+    ckpt = load_model(layout, "segmentation", dataset)
+    head = SegmentationHead([c for c, _, _ in map_shapes(ckpt.card)], len(ckpt.labels), ckpt.meta["head"]["width"])
+    head.load_state_dict(ckpt.head_state)
+    extractor = DenseExtractor(backbone_network(ckpt), ckpt.card) if with_backbone else None
+    return freeze(Segmenter(extractor, head, ckpt.card.input_size)), ckpt
