@@ -12,7 +12,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 help:
 	@echo "make run    - set up .venv, run the pipeline (dvc repro) on params.yaml, print a summary"
 	@echo "make test   - set up .venv, run the test suite"
-	@echo "make bench  - benchmarks (needs ../shared/datasets: hymenoptera, bccd, camvid)"
+	@echo "make bench  - benchmarks (needs ../shared/datasets: hymenoptera, multilabel, bccd, camvid)"
 	@echo "make serve  - serve export/model.onnx on 127.0.0.1:8000 (Open Inference Protocol + /v1/predict)"
 	@echo "make image  - build the serving image (podman or docker; offline base image made first)"
 	@echo "make deployment-run - Prefect: server (if none answers), pool, deployments, worker; run transfer-learning/local"
@@ -50,6 +50,7 @@ bench: venv
 	python bench/backbone_select.py ../shared/datasets/hymenoptera
 	python bench/backbone_select.py digits --far ../shared/datasets/hymenoptera
 	python bench/feature_options.py digits ../shared/datasets/hymenoptera
+	python bench/multilabel.py ../shared/datasets/multilabel
 	python bench/detection.py ../shared/datasets/bccd
 	python bench/segmentation.py ../shared/datasets/camvid
 

@@ -36,16 +36,17 @@ RUNTIMES = ("torch", "ort", "torch_nchw")
 DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "hymenoptera"
 
 
-def build(data: Path | None, work: Path, int8: bool):
-    from tasks import backbone, data, evaluate, export, features, train
+def build(data_root: Path | None, work: Path, int8: bool):
+    from tasks import backbone, evaluate, export, features, train
+    from tasks import data as prepare
     from tasks.config import parse_params
     from tasks.layout import Layout
 
-    raw = {"data": {"dataset": "imagefolder", "root": str(data)} if data else {"dataset": "digits"},
+    raw = {"data": {"dataset": "imagefolder", "root": str(data_root)} if data_root else {"dataset": "digits"},
            "export": {"quantize": "int8" if int8 else "none"}}
     params = parse_params(raw)
     layout = Layout(work)
-    for stage in (data, backbone, features, train, evaluate):
+    for stage in (prepare, backbone, features, train, evaluate):
         stage.run(params, layout)
     return params, layout, export.run(params, layout)
 
@@ -71,15 +72,21 @@ def torch_runner(model, runtime: str):
     return run
 
 
+def load_classifier(layout: Layout):
+    """The trained classifier (backbone + head) from models/model.pt."""
+    from tasks.checkpoint import load_model
+    from tasks.head import load_classifier as classifier_of
+
+    return classifier_of(load_model(layout, "classification"))
+
+
 def load_runner(runtime: str, work: Path):
     if runtime == "ort":
         from tasks.runtime import open_session
 
         session, _ = open_session(Layout(work).model_onnx, device="cpu")
         return lambda x: session.run(["probabilities"], {"images": x})
-    from tasks.model import load_classifier
-
-    return torch_runner(load_classifier(Layout(work).classifier)[0], runtime)
+    return torch_runner(load_classifier(Layout(work)), runtime)
 
 
 def worker(runtime: str, work: Path) -> None:
@@ -151,14 +158,13 @@ def main() -> None:
     if data is None:
         print(f"{DEFAULT_DATA} not found: benchmarking on the offline digits demo", file=sys.stderr)
 
-    from tasks.model import load_classifier
     from tasks.preprocess import load_image
     from tasks.runtime import CPU
 
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
         work = Path(tmp)
         params, layout, exported = build(data, work, not args.no_int8)
-        model, _ = load_classifier(layout.classifier)
+        model = load_classifier(layout)
         ds = layout.dataset()
         items = ds.split(ds.eval_split)[:32]
         pixels = np.stack([load_image(ds.resolve(it), model.features.card) for it in items])
@@ -168,7 +174,7 @@ def main() -> None:
             raise RuntimeError("torch NHWC and NCHW runners disagree")
         speeds = paired_windows(work, args.rounds, args.window, len(pixels))
 
-    q, i = exported.parity, exported.int8
+    q, i = exported.parity, exported.parity.get("int8")
     result = {
         "ort_over_torch_b1": round(speeds["ort_img_s_b1"] / speeds["torch_img_s_b1"], 2),
         "ort_over_torch_b32": round(speeds["ort_img_s_b32"] / speeds["torch_img_s_b32"], 2),

@@ -74,7 +74,7 @@ def run_pipeline(data_root: Path, work: Path) -> dict:
 def run_reference(data_root: Path, layout, epochs: int, batch_size: int, workers: int) -> dict:
     from torchvision import datasets, transforms
 
-    from tasks.model import load_feature_extractor
+    from tasks.pooled import load_feature_extractor
 
     extractor = load_feature_extractor(layout)
     card = extractor.card

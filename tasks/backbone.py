@@ -76,5 +76,10 @@ def describe(r: BackboneResult) -> str:
             f"(resize {c.resize_size}, {c.interpolation}), {r.seconds:.1f}s -> {r.out_dir}")
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The console script (tlcv-...) and `python -m tasks.backbone`."""
     stage_main("backbone", run, describe)
+
+
+if __name__ == "__main__":
+    main()

@@ -78,5 +78,10 @@ def describe(r: PrepareResult) -> str:
     return "prepare: " + ", ".join(f"{k} {v}" for k, v in r.counts.items()) + skipped
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The console script (tlcv-...) and `python -m tasks.data`."""
     stage_main("prepare", run, describe)
+
+
+if __name__ == "__main__":
+    main()

@@ -37,5 +37,10 @@ def describe(r: EvaluateResult) -> str:
     return "evaluate: " + registry.part(r.metrics["task"], "summary").evaluate_line(r.metrics, r.reports_dir)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The console script (tlcv-...) and `python -m tasks.evaluate`."""
     stage_main("evaluate", run, describe)
+
+
+if __name__ == "__main__":
+    main()

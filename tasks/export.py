@@ -51,5 +51,10 @@ def describe(r: ExportResult) -> str:
     return f"export: {r.model_path} — {line}; Triton repository {r.triton_dir}; {r.seconds:.1f}s"
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The console script (tlcv-...) and `python -m tasks.export`."""
     stage_main("export", run, describe)
+
+
+if __name__ == "__main__":
+    main()

@@ -81,5 +81,10 @@ def describe(r: FeaturesResult) -> str:
     return f"features: {sum(r.counts.values())} images, {how}, {r.seconds:.1f}s -> {r.out_dir}"
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The console script (tlcv-...) and `python -m tasks.features`."""
     stage_main("features", run, describe)
+
+
+if __name__ == "__main__":
+    main()

@@ -58,6 +58,18 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def write_csv(path: str | Path, header: list[str], rows) -> Path:
+    """A CSV table (header, then one row per item), written atomically."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return write_text(path, buf.getvalue())
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 

@@ -61,7 +61,10 @@ class Standardize(nn.Module):
     def fit(self, x: torch.Tensor) -> "Standardize":
         x = self._power(x)
         self.mean.copy_(x.mean(0))
-        self.std.copy_(x.std(0).clamp_min(1e-6))
+        std = x.std(0)
+        # A feature constant in train (std ~ 0) keeps its scale: dividing by ~0 would blow up every other
+        # image's value of it (and, with it, random initial weights and the OOD distance).
+        self.std.copy_(torch.where(std < 1e-6, torch.ones_like(std), std))
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -288,5 +288,10 @@ def describe(r: SelectResult) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The console script (tlcv-...) and `python -m tasks.select`."""
     stage_main("select", lambda params, layout: run(params, layout, probe="--probe" in sys.argv[1:]), describe)
+
+
+if __name__ == "__main__":
+    main()

@@ -28,6 +28,13 @@ class Selection:
     def on_val(self) -> bool:
         return self.holdout is None
 
+    def arrays(self, feats: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(x_fit, y_fit, x_sel, y_sel) of cached features (x_<split>, y_<split>)."""
+        x, y = feats["x_train"], feats["y_train"]
+        if self.on_val:
+            return x, y, feats["x_val"], feats["y_val"]
+        return x[self.fit], y[self.fit], x[self.holdout], y[self.holdout]
+
 
 def select_split(dataset: Dataset, strata: np.ndarray, fraction: float, seed: int) -> Selection:
     """`strata`: one integer per training image to stratify the holdout by (its class, or zeros)."""

@@ -54,5 +54,10 @@ def describe(r: TrainResult) -> str:
     return f"train: {registry.part(r.task, 'summary').train_line(r.summary)}, {r.seconds:.1f}s -> {r.classifier_path}"
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The console script (tlcv-...) and `python -m tasks.train`."""
     stage_main("train", run, describe)
+
+
+if __name__ == "__main__":
+    main()

@@ -76,9 +76,9 @@ def test_a_misspelt_param_keeps_the_prepared_data(repo):
 def test_a_failing_train_keeps_the_previous_model(repo):
     models = ("model.pt", "model.safetensors", "head.pt", "labels.json")
     before = {m: sha256_file(repo / "models" / m) for m in models}
-    with params_changed(repo, lambda d: d["train"].update(unfreeze_blocks=99)):
+    with params_changed(repo, lambda d: d["classification"].update(unfreeze_blocks=99)):
         r = sh(["dvc", "repro"], repo, check=False)
-        assert r.returncode != 0 and "train: train.unfreeze_blocks=99" in r.stderr, r.stderr
+        assert r.returncode != 0 and "train: classification.unfreeze_blocks=99" in r.stderr, r.stderr
         assert {m: sha256_file(repo / "models" / m) for m in models} == before
         assert not list((repo / "models").glob(".staging.*"))
 

@@ -109,12 +109,12 @@ def test_deployment_runs_the_pipeline_and_dvc_versions_everything(prefect_env):
 def test_a_bad_override_fails_before_any_work_naming_the_key(prefect_env):
     repo, env = prefect_env
     before = (repo / "params.yaml").read_text()
-    r = deployment_run(repo, env, 'overrides={"train.epoch": 3}')
+    r = deployment_run(repo, env, 'overrides={"classification.epoch": 3}')
     assert r.returncode != 0
     run = last_flow_run(env["PREFECT_API_URL"])
     assert run["state"]["type"] == "FAILED"
     logs = run_logs(env["PREFECT_API_URL"], run["id"])
-    assert "train.epoch" in logs and "did you mean 'epochs'" in logs
+    assert "classification.epoch" in logs and "did you mean 'epochs'" in logs
     assert "stage prepare" not in logs  # no stage ran
     assert (repo / "params.yaml").read_text() == before
 
@@ -126,11 +126,11 @@ def test_overrides_are_validated_and_written_with_comments_kept(tmp_path):
     shutil.copy(ROOT / "params.yaml", params_file)
     with pytest.raises(ConfigError, match="unknown param 'data.datset'"):
         apply_overrides({"data.datset": "cifar10"}, params_file)
-    with pytest.raises(ConfigError, match="train.epochs: expected int"):
-        apply_overrides({"train.epochs": "many"}, params_file)
+    with pytest.raises(ConfigError, match="classification.epochs: expected int"):
+        apply_overrides({"classification.epochs": "many"}, params_file)
     assert params_file.read_text() == (ROOT / "params.yaml").read_text()
-    params = apply_overrides({"train.l2": [0.05], "data.dataset": "imagefolder"}, params_file)
-    assert params.train.l2 == [0.05] and params.data.dataset == "imagefolder"
+    params = apply_overrides({"classification.l2": [0.05], "data.dataset": "imagefolder"}, params_file)
+    assert params.classification.l2 == [0.05] and params.data.dataset == "imagefolder"
     text = params_file.read_text()
     assert "# Every knob of the pipeline" in text and "dataset: imagefolder" in text
 
@@ -140,20 +140,21 @@ def test_the_flow_takes_typed_params_and_writes_only_what_changed(tmp_path):
     from prefect.utilities.callables import parameter_schema
 
     from flows.pipeline import apply_overrides, flatten, transfer_learning
-    from tasks.config import Params, TrainParams
+    from tasks.classification.params import ClassificationParams
+    from tasks.config import Params
 
     schema = parameter_schema(transfer_learning).model_dump()
     defs = schema["definitions"]
     assert "params" in schema["properties"]
-    assert {"TrainParams", "DataParams", "ExportParams"} <= set(defs)
-    assert defs["TrainParams"]["properties"]["epochs"]["type"] == "integer"
+    assert {"ClassificationParams", "MultilabelParams", "DataParams", "ExportParams"} <= set(defs)
+    assert defs["ClassificationParams"]["properties"]["epochs"]["type"] == "integer"
     assert {"digits", "imagefolder", "voc", "masks"} <= set(defs["DataParams"]["properties"]["dataset"]["enum"])
 
     params_file = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", params_file)
     before = params_file.read_text().splitlines()
-    typed = Params(train=TrainParams(epochs=7))
-    assert apply_overrides(flatten(typed.model_dump(mode="json")), params_file).train.epochs == 7
+    typed = Params(classification=ClassificationParams(epochs=7))
+    assert apply_overrides(flatten(typed.model_dump(mode="json")), params_file).classification.epochs == 7
     after = params_file.read_text().splitlines()
     changed = [(a, b) for a, b in zip(before, after) if a != b]
     assert len(before) == len(after) and len(changed) == 1 and "epochs: 7" in changed[0][1]

@@ -30,12 +30,12 @@ def draw_tags(tags, rng: np.random.Generator, size: int = 64) -> Image.Image:
     if "stripes" in tags:
         for k in range(0, size, 10):
             d.line((k, 0, k, size), fill=(20, int(rng.integers(120, 220)), 20), width=3)
-    if "circle" in tags:
-        x, y = (int(v) for v in rng.integers(2, size - 26, 2))
-        d.ellipse((x, y, x + 24, y + 24), fill=(220, 20, 20))
+    if "circle" in tags:  # in the left half, the square in the right: neither hides the other
+        x, y = int(rng.integers(2, size // 2 - 22)), int(rng.integers(2, size - 22))
+        d.ellipse((x, y, x + 20, y + 20), fill=(220, 20, 20))
     if "square" in tags:
-        x, y = (int(v) for v in rng.integers(2, size - 26, 2))
-        d.rectangle((x, y, x + 22, y + 22), fill=(20, 20, 220))
+        x, y = int(rng.integers(size // 2, size - 22)), int(rng.integers(2, size - 22))
+        d.rectangle((x, y, x + 20, y + 20), fill=(20, 20, 220))
     return img
 
 
@@ -201,7 +201,10 @@ def test_the_head_learns_the_tags_with_a_threshold_per_tag(pipeline):
     s = read_json(w.reports / "train.json")
     assert s["task"] == "multilabel" and s["solver"] == "lbfgs" and s["selection"] == "train-holdout"
     assert s["l2"] in (0.001, 0.01, 0.1) and s["thresholds_tuned"] >= 2
-    meta = load_model(w.layout, "multilabel").meta
+    ckpt = load_model(w.layout, "multilabel")
+    meta = ckpt.meta
+    x = w.layout.feature_cache().load()["x_train"]  # refit on all of train: its standardisation is all of train's
+    assert np.allclose(ckpt.head_state["0.mean"].numpy(), (np.sign(x) * np.abs(x) ** 0.5).mean(0), atol=1e-5)
     assert len(meta["thresholds"]) == 3 and meta["threshold_source"].count("f1") == s["thresholds_tuned"]
     assert any(t != 0.5 for t in meta["thresholds"]) and all(0 < t < 1 for t in meta["thresholds"])
     m = evaluate.metrics

@@ -158,3 +158,12 @@ def test_a_broken_params_file_is_one_line_on_stderr(stage, tmp_path):
         assert r.returncode != 0, f"{stage}, {case}: exit 0"
         assert "Traceback" not in r.stderr and len(err.splitlines()) == 1, f"{stage}, {case}:\n{r.stderr}"
         assert err.startswith(f"{stage}: params.yaml: ") and words in err, f"{stage}, {case}: {err}"
+
+
+def test_every_console_script_points_at_a_function():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for name, target in scripts.items():
+        module, func = target.split(":")
+        assert callable(getattr(importlib.import_module(module), func, None)), f"{name} = {target}: no such function"

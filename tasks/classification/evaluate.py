@@ -11,8 +11,6 @@ flagged out of distribution, the domain gap.
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ import torch
 from tasks.checkpoint import Checkpoint, load_model
 from tasks.classification.metrics import bootstrap_ci, classification_metrics
 from tasks.config import Params
-from tasks.files import write_json, write_text
+from tasks.files import write_csv, write_json
 from tasks.gap import gap_metrics
 from tasks.head import load_classifier, load_head
 from tasks.layout import Dataset, Layout
@@ -65,14 +63,6 @@ def eval_logits(params: Params, layout: Layout, ckpt: Checkpoint, dataset: Datas
     return np.concatenate(out)
 
 
-def table(header: list[str], rows) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 def evaluate(params: Params, layout: Layout, out: Path) -> dict:
     ep = params.evaluate
     dataset = layout.dataset()
@@ -93,11 +83,11 @@ def evaluate(params: Params, layout: Layout, out: Path) -> dict:
                "best_epoch": meta.get("best_epoch"), **ood, **gap_metrics(layout)}
 
     s, probs, pred = r["scores"], r["probs"], r["pred"]
-    write_text(out / "per_class.csv", table(["class", "precision", "recall", "f1", "support"], (
+    write_csv(out / "per_class.csv", ["class", "precision", "recall", "f1", "support"], (
         [c, *(round(float(s[k][i]), 6) for k in ("precision", "recall", "f1")), int(s["support"][i])]
-        for i, c in enumerate(classes))))
-    write_text(out / "predictions.csv", table(["path", "actual", "predicted", "confidence"], (
-        [it.path, classes[yi], classes[pi], round(float(pr[pi]), 6)] for it, yi, pi, pr in zip(items, y, pred, probs))))
+        for i, c in enumerate(classes)))
+    write_csv(out / "predictions.csv", ["path", "actual", "predicted", "confidence"], (
+        [it.path, classes[yi], classes[pi], round(float(pr[pi]), 6)] for it, yi, pi, pr in zip(items, y, pred, probs)))
     wrong = np.flatnonzero(pred != y)
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][: ep.top_mistakes]
     mistakes = [{"path": str(dataset.resolve(items[i])), "actual": classes[y[i]], "predicted": classes[pred[i]],

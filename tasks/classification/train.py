@@ -102,20 +102,11 @@ def select_l2(x: torch.Tensor, y: torch.Tensor, num_classes: int, p, x_sel: torc
     return best[3], history, best[2], best[0]
 
 
-def selection_arrays(feats: dict[str, np.ndarray], sel: Selection) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                         np.ndarray]:
-    """(x_fit, y_fit, x_sel, y_sel) of the cached features."""
-    x, y = feats["x_train"], feats["y_train"]
-    if sel.on_val:
-        return x, y, feats["x_val"], feats["y_val"]
-    return x[sel.fit], y[sel.fit], x[sel.holdout], y[sel.holdout]
-
-
 def train_on_features(p, n_classes: int, feats: dict[str, np.ndarray], sel: Selection,
                       progress: Progress | None = None) -> tuple[nn.Module, list[dict], dict]:
     """Head on cached features. Returns (head, history, summary with the chosen epoch or L2)."""
     x, y = torch.from_numpy(feats["x_train"]), torch.from_numpy(feats["y_train"])
-    x_fit, y_fit, x_sel, y_sel = map(torch.from_numpy, selection_arrays(feats, sel))
+    x_fit, y_fit, x_sel, y_sel = map(torch.from_numpy, sel.arrays(feats))
     refit = not sel.on_val
     if p.solver == "lbfgs":
         head, history, l2, acc = select_l2(x_fit, y_fit, n_classes, p, x_sel, y_sel, progress)
@@ -257,7 +248,7 @@ def train(params: Params, layout: Layout, progress: Progress | None = None) -> T
     if len(feats["x_train"]) != len(dataset.split("train")):
         raise ArtifactError(f"{layout.features} does not match {layout.prepared}: re-run the features stage")
     head, history, summary = train_on_features(p, len(dataset.classes), feats, sel, progress)
-    x_fit, y_fit, x_sel, _ = selection_arrays(feats, sel)
+    x_fit, y_fit, x_sel, _ = sel.arrays(feats)
     ood, summary["ood"] = fit_ood(head[0], x_fit, y_fit, len(dataset.classes), x_sel, sel.source)
     summary["backbone_trained"] = False
     save_model(layout, "classification", head, dataset, card, {**meta, **summary}, extra={"ood": ood})

@@ -11,6 +11,7 @@ al. 2011), which keeps every tag in every split where its images allow (3 or mor
 from __future__ import annotations
 
 import csv
+import io
 from collections import Counter
 from pathlib import Path
 
@@ -50,7 +51,14 @@ def read_rows(path: Path) -> list[tuple[int, str, list[str], str | None]]:
         raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8") from None
     except OSError as exc:
         raise DataError(f"{path}: unreadable ({exc.strerror or exc})") from None
-    reader = csv.reader(text.splitlines())
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        return parse(path, reader, fix)
+    except csv.Error as exc:
+        raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({exc}); {fix}") from None
+
+
+def parse(path: Path, reader, fix: str) -> list[tuple[int, str, list[str], str | None]]:
     header = [h.strip().lower() for h in next(reader, [])]
     if not header or header == [""]:
         raise DataError(f"{path} is empty: its first line must be the header; {fix}")
@@ -63,7 +71,8 @@ def read_rows(path: Path) -> list[tuple[int, str, list[str], str | None]]:
         raise DataError(f"{path}: {what} in the header {','.join(header)}; {fix}")
     col = {name: header.index(name) for name in header}
     rows = []
-    for line, fields in enumerate(reader, start=2):
+    for fields in reader:
+        line = reader.line_num
         if not any(f.strip() for f in fields):
             continue  # blank line
         if len(fields) != len(header):
@@ -89,8 +98,8 @@ def prepare(params: Params, layout: Layout, tmp: Path, skipped: list[dict]) -> P
     for line, rel, tags, split in rows:
         where = {"path": printable(rel), "line": line}
         target = root / rel
-        if not rel:
-            skipped.append({**where, "reason": "empty path"})
+        if not rel or "\x00" in rel:
+            skipped.append({**where, "reason": "empty path" if not rel else "path holds a NUL byte"})
         elif Path(rel).is_absolute() or not inside(target.resolve(), root_real):
             skipped.append({**where, "reason": f"path outside the CSV's folder {root}: paths are relative to it"})
         elif Path(rel).as_posix() in seen:

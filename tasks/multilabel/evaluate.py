@@ -3,7 +3,7 @@
   per_tag.csv       AP, precision, recall, F1 (at the tag's threshold), the threshold, support, predicted
   predictions.csv   path, actual tags, predicted tags, wrong tags (|-separated)
   ap.png            average precision per tag
-  mistakes.json/.png  the worst-scored images (highest summed binary cross-entropy): true, missed and extra tags
+  mistakes.json/.png  the worst-scored images (highest summed binary cross-entropy): true and predicted tags
 The metrics: mAP (the mean over tags of average precision, the standard multi-label score; threshold-free), macro
 and micro F1 at the per-tag thresholds and, as the plain baseline, at one global 0.5; bootstrap 95% intervals of
 mAP and macro-F1; the exact-match ratio; the share flagged out of distribution; the domain gap.
@@ -29,12 +29,11 @@ from tasks.ood import ood_metrics
 from tasks.plots import plot_bars, plot_thumbnails
 
 
-def table(header: list[str], rows) -> str:
+def write_table(path: Path, header: list[str], rows) -> None:
+    """A CSV report (written atomically)."""
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
+    csv.writer(buf, lineterminator="\n").writerows([header, *rows])
+    write_text(path, buf.getvalue())
 
 
 def num(v) -> float | None:
@@ -68,7 +67,7 @@ def evaluate(params: Params, layout: Layout, out: Path) -> dict:
     meta = ckpt.meta
     metrics = {
         "map": num(nanmean(ap)), "macro_f1": num(r["macro_f1"]), "micro_f1": num(r["micro_f1"]),
-        "macro_f1_at_0.5": num(base["macro_f1"]), "micro_f1_at_0.5": num(base["micro_f1"]),
+        "macro_f1_at_05": num(base["macro_f1"]), "micro_f1_at_05": num(base["micro_f1"]),
         "exact_match": num(r["exact_match"]),
         **{f"{k}_ci95": [round(v, 4) for v in lo_hi] for k, lo_hi in ci.items()},
         "n": len(items), "eval_split": split, "num_tags": len(tags), "tags_scored": int((r["support"] > 0).sum()),
@@ -80,13 +79,13 @@ def evaluate(params: Params, layout: Layout, out: Path) -> dict:
     }
 
     pred = r["pred"]
-    write_text(out / "per_tag.csv", table(
+    write_table(out / "per_tag.csv",
         ["tag", "ap", "precision", "recall", "f1", "threshold", "threshold_source", "support", "predicted"],
         ([t, num(ap[i]), num(r["precision"][i]), num(r["recall"][i]), num(r["f1"][i]), round(float(thresholds[i]), 6),
-          meta["threshold_source"][i], int(r["support"][i]), int(r["predicted"][i])] for i, t in enumerate(tags))))
-    write_text(out / "predictions.csv", table(["path", "actual", "predicted", "wrong"], (
+          meta["threshold_source"][i], int(r["support"][i]), int(r["predicted"][i])] for i, t in enumerate(tags)))
+    write_table(out / "predictions.csv", ["path", "actual", "predicted", "wrong"], (
         [it.path, joined(tags, truth[i]), joined(tags, pred[i]), joined(tags, truth[i] != pred[i])]
-        for i, it in enumerate(items))))
+        for i, it in enumerate(items)))
     plot_bars({t: num(a) for t, a in zip(tags, ap)}, out / "ap.png", "average precision", metrics["map"], "mAP")
     # the worst-scored images: the highest summed binary cross-entropy over their tags
     eps = 1e-12
@@ -102,7 +101,7 @@ def evaluate(params: Params, layout: Layout, out: Path) -> dict:
     return metrics
 
 
-def caption(m: dict, width: int = 28) -> str:
-    """missed: a, b / extra: c, each line cut to fit a thumbnail."""
-    lines = [f"{what}: {m[key].replace('|', ', ')}" for what, key in (("missed", "missed"), ("extra", "extra")) if m[key]]
+def caption(m: dict, width: int = 30) -> str:
+    """true: a, b / predicted: a, c, each line cut to fit a thumbnail."""
+    lines = [f"{what}: {m[key].replace('|', ', ') or '-'}" for what, key in (("true", "actual"), ("pred", "predicted"))]
     return "\n".join(line if len(line) <= width else line[: width - 1] + "…" for line in lines)

@@ -11,7 +11,8 @@ import numpy as np
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    with np.errstate(over="ignore"):  # exp(-x) = inf for a very negative logit: the probability is 0, as it should be
+        return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
 
 
 def average_precision(scores: np.ndarray, y: np.ndarray) -> np.ndarray:

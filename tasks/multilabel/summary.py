@@ -20,7 +20,7 @@ def _ci(m: dict, key: str) -> str:
 
 def _score(m: dict) -> str:
     return (f"mAP {m['map']:.4f}{_ci(m, 'map')}, macro-F1 {m['macro_f1']:.4f}{_ci(m, 'macro_f1')} "
-            f"(one global 0.5: {m['macro_f1_at_0.5']:.4f}), micro-F1 {m['micro_f1']:.4f}")
+            f"(one global 0.5: {m['macro_f1_at_05']:.4f}), micro-F1 {m['micro_f1']:.4f}")
 
 
 def weakest(m: dict, k: int = 3) -> str:
@@ -40,9 +40,11 @@ def export_line(q: dict) -> str:
 
 
 def parity_failure(q: dict) -> str:
-    ood = f", ood_score relative difference {q['ood_max_rel_diff']:.1e}" if "ood_max_rel_diff" in q else ""
-    return (f"on {q['n']} {q['split']} images tag agreement {q['tag_agreement']:.4%}, max |p_onnx - p_torch| "
-            f"{q['max_abs_prob_diff']:.2e}{ood} (tolerance {q['tolerance']:.0e})")
+    """Why the gate failed: the tag decisions, the probabilities and the OOD score against the tolerance."""
+    worst = {"tag agreement": f"{q['tag_agreement']:.4%}", "max |p_onnx - p_torch|": f"{q['max_abs_prob_diff']:.2e}",
+             "ood_score relative difference": f"{q['ood_max_rel_diff']:.1e}" if "ood_max_rel_diff" in q else None}
+    shown = ", ".join(f"{k} {v}" for k, v in worst.items() if v is not None)
+    return f"on {q['n']} {q['split']} images {shown} (tolerance {q['tolerance']:.0e})"
 
 
 def result_lines(m: dict, parity: dict | None, layout) -> list[str]:

@@ -27,7 +27,7 @@ from tasks.head import build_head, fit_lbfgs, head_meta, make_optimizer, make_sc
 from tasks.layout import ArtifactError, Layout, Progress
 from tasks.multilabel.metrics import average_precision, best_thresholds, nanmean, scores_at, sigmoid
 from tasks.ood import fit_ood
-from tasks.selection import EarlyStopping, Selection, select_split
+from tasks.selection import EarlyStopping, select_split
 
 COLUMNS = ["step", "phase", "l2", "train_loss", "select_loss", "select_map", "lr"]
 
@@ -122,14 +122,6 @@ def fit_epochs(x: torch.Tensor, y: torch.Tensor, p, pos_weight: torch.Tensor | N
     return head.eval(), history, stopper.epoch
 
 
-def selection_arrays(feats: dict[str, np.ndarray], sel: Selection) -> tuple[np.ndarray, ...]:
-    """(x_fit, y_fit, x_sel, y_sel) of the cached features."""
-    x, y = feats["x_train"], feats["y_train"]
-    if sel.on_val:
-        return x, y, feats["x_val"], feats["y_val"]
-    return x[sel.fit], y[sel.fit], x[sel.holdout], y[sel.holdout]
-
-
 def train(params: Params, layout: Layout, progress: Progress | None = None) -> Trained:
     p = params.multilabel
     dataset = layout.dataset()
@@ -140,7 +132,7 @@ def train(params: Params, layout: Layout, progress: Progress | None = None) -> T
         raise ArtifactError(f"{layout.features} does not hold this dataset's tags: re-run the features stage "
                             f"(dvc repro features) with task: multilabel")
     sel = select_split(dataset, rarest_tag(y_train), p.holdout_fraction, p.seed)
-    x_fit, y_fit, x_sel, y_sel = (torch.from_numpy(np.asarray(a)) for a in selection_arrays(feats, sel))
+    x_fit, y_fit, x_sel, y_sel = (torch.from_numpy(np.asarray(a)) for a in sel.arrays(feats))
     y_fit, y_sel = y_fit.float(), y_sel.float()
     pos_weight = class_weights(y_fit.numpy(), p.pos_weight)
     refit = not sel.on_val
@@ -165,7 +157,7 @@ def train(params: Params, layout: Layout, progress: Progress | None = None) -> T
     tuned, at_half = scores_at(sel_probs, y_sel.numpy(), thresholds), scores_at(sel_probs, y_sel.numpy(), 0.5)
     summary = {"solver": p.solver, "l2": l2, "best_epoch": best_epoch, "selection": sel.source,
                "selection_map": sel_map, "selection_loss": sel_loss, "selection_macro_f1": tuned["macro_f1"],
-               "selection_macro_f1_at_0.5": at_half["macro_f1"], "pos_weight": p.pos_weight,
+               "selection_macro_f1_at_05": at_half["macro_f1"], "pos_weight": p.pos_weight,
                "thresholds_tuned": source.count("f1"), "num_tags": len(dataset.classes)}
     ood, summary["ood"] = fit_ood(head[0], x_fit.numpy(), np.zeros(len(x_fit), np.int64), 1, x_sel.numpy(), sel.source)
     meta = {"head": head_meta(p), "params": as_dict(p), **summary,
