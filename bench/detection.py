@@ -40,6 +40,7 @@ def main() -> None:
         "images_per_s": round(results["features"].images_per_s, 1), "images": n_images,
         "epochs_run": train_json["steps_run"], "best_epoch": train_json["best_epoch"],
         "export_s": round(times["export"], 1), "parity_match_rate": parity["match_rate"], "parity_passed": parity["passed"],
+        "parity_ties": parity["ties"], "parity_max_score_diff": parity["max_score_diff"],
         "prepare_s": round(times["prepare"], 1), "backbone_s": round(times["backbone"], 1),
         "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
         "bar": {"ap50": 0.88, "map": 0.55, "total_s": 900},

@@ -38,11 +38,12 @@ def main() -> None:
         "evaluate_s": round(times["evaluate"], 1), "export_s": round(times["export"], 1),
         "prepare_s": round(times["prepare"], 1), "backbone_s": round(times["backbone"], 1),
         "total_s": round(sum(times.values()), 1), "images_per_s": round(results["features"].images_per_s, 1),
-        "images": sum(results["features"].counts.values()), "input_size": list(params.dense.input_size),
+        "images": sum(results["features"].counts.values()), "input_size": list(params.segmentation.features.input_size),
         "epochs_run": train_json["steps_run"], "best_epoch": train_json["best_epoch"],
         "selection": train_json["selection"], "selection_miou": round(train_json["selection_miou"], 4),
         "epoch_s": round(times["train"] / max(run.history_rows - 1, 1), 1),
         "parity_pixel_agreement": round(parity["pixel_agreement"], 6), "parity_max_prob_diff": parity["max_prob_diff"],
+        "parity_argmax_ties": parity["argmax_ties"],
         "parity_passed": parity["passed"], "load_avg_1m": [round(v, 1) for v in loads], "cpus": os.cpu_count(),
         "bar": {"miou": 0.62, "total_s": 900},
     }

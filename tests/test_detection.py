@@ -1,8 +1,8 @@
 """Object detection end to end on tiny generated data: coloured rectangles on noise, two classes, VOC layout.
 
-The stages are the pipeline's own (prepare, backbone, features, train, evaluate, export) on a Layout in a
-tmp dir, with the real bundled backbone; the dataset is 48 non-square images, so the whole module runs in
-well under a minute. The parity gate's rule at the cut-offs is checked on constructed outputs.
+The stages are the pipeline's own (prepare, backbone, features, train, evaluate, export), run by `dvc repro`
+on a copy of the project, with the real bundled backbone; the dataset is 48 non-square images, so the whole
+module runs in about a minute. The parity gate's rule at the cut-offs is checked on constructed outputs.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import project_copy, sh
 from tasks.config import parse_params
 from tasks.files import read_json, sha256_file
 
@@ -57,6 +58,18 @@ def make_voc(root: Path, n_train: int = 36, n_val: int = 12, seed: int = 0) -> P
     return root
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch intra-op thread for the module: the tiny heads train several times faster so on a shared
+    2-core CI machine (a thread descheduled at every op's barrier stalls the others), and fixed, so every run
+    here is reproducible (`dvc repro`'s stages get OMP_NUM_THREADS=1). The stages themselves keep torch's
+    count, which the machine sets."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 DET_TRAIN = {"epochs": 24, "patience": 0, "batch_size": 8, "lr": 0.003}
 
 
@@ -75,27 +88,22 @@ def make_voc_with_a_degenerate_box(root: Path) -> Path:
     return root
 
 
-STAGES = ("data", "backbone", "features", "train", "evaluate", "export")
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The whole pipeline for `task: detection`, every stage's run() and the line it prints, on a tmp Layout
-    (its own dense backbone at 96x128)."""
-    import importlib
-
+    """The whole pipeline for `task: detection` through real `dvc repro` on a copy of the project (the stages
+    with one torch thread too, see one_thread)."""
     from tasks.layout import Layout
 
-    base = tmp_path_factory.mktemp("det")
-    root = make_voc_with_a_degenerate_box(base / "voc")
-    params, layout = det_params(root), Layout(base / "work")
-    lines = []
-    for stage in STAGES:
-        module = importlib.import_module(f"tasks.{stage}")
-        lines.append(module.describe(module.run(params, layout)))
-    out = "\n".join(lines)
-    assert "export: " in out and "parity on 12 val images" in out, out
-    return root, params, layout, out
+    repo = project_copy(tmp_path_factory.mktemp("det") / "repo", make_data=make_voc_with_a_degenerate_box,
+                        params_update={"task": "detection", "data": {"dataset": "voc", "root": "data/raw"},
+                                       "features": {"batch_size": 16},
+                                       "detection": {"features": {"input_size": [96, 128]}, **DET_TRAIN}})
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OMP_NUM_THREADS", "1")
+        out = sh(["dvc", "repro"], repo).stdout
+    assert "Running stage 'export'" in out and "parity on 12 val images" in out, out
+    assert json.loads(sh(["dvc", "status", "--json"], repo).stdout) == {}
+    return repo / "data" / "raw", det_params(repo / "data" / "raw"), Layout(repo), out
 
 
 def test_degenerate_boxes_are_reported_and_classes_come_from_the_data(trained):
@@ -269,6 +277,7 @@ def test_augmented_training_runs_the_backbone_every_step_and_still_learns(traine
     from tasks.detection.train import train_detector
 
     root, params, layout, _ = trained
+    monkeypatch.chdir(root.parents[1])  # the project: the manifest's image paths are relative to it
     calls = []
     forward = DenseExtractor.forward
     monkeypatch.setattr(DenseExtractor, "forward", lambda self, x: calls.append(len(x)) or forward(self, x))

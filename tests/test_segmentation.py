@@ -28,6 +28,17 @@ IGNORE_VALUE = 3  # `3 _ignore_` in labelmap.txt; 255 is ignore too
 SIZE = (160, 120)  # width, height
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch intra-op thread for the module: the tiny heads train several times faster so on a shared
+    2-core CI machine (a thread descheduled at every op's barrier stalls the others), and fixed, so every run
+    here is reproducible. (The stages themselves keep torch's count, which the machine sets.)"""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def draw_sample(rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
     w, h = SIZE
     img = Image.fromarray(rng.integers(90, 170, (h, w, 3)).astype(np.uint8))
