@@ -4,7 +4,7 @@
                        and "ood_score" [N] (tasks/ood.py; above metadata "ood_threshold" = out of distribution).
                        Scaling and mean/std normalisation are inside the graph; resize + centre crop are
                        not (tasks.preprocess.load_image does them, in training, evaluation and serving alike).
-                       metadata_props: labels, preprocessing, backbone, dataset_sha256, metrics, params, created...
+                       metadata_props: task, labels, preprocessing, backbone, dataset_sha256, metrics, params, created...
   labels.txt           one class name per line, index order
   model.int8.onnx      with export.quantize=int8, when its accuracy holds (static QDQ, per-channel)
   triton/<name>/       a Triton Inference Server model repository: config.pbtxt, labels.txt, 1/model.onnx
@@ -316,6 +316,7 @@ def run(params: Params, layout: Layout, progress: Progress | None = None) -> Exp
                 f"max |p_onnx - p_torch| {parity['max_abs_prob_diff']:.2e} (tolerance {p.parity_tolerance:.0e}); "
                 f"the previous {layout.model_onnx} is kept (see {layout.parity})")
         set_metadata(model_path, {
+            "task": "classification",  # tasks/contract.py TASK: the server refuses a model without it
             "labels": json.dumps(labels),
             "preprocessing": json.dumps({**card.to_dict(), "input": f"{INPUT}: uint8 [N, {card.input_size[0]}, "
                                          f"{card.input_size[1]}, 3] RGB after tasks.preprocess.load_image"}),

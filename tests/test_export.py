@@ -62,7 +62,7 @@ def test_metadata_round_trips_through_onnxruntime(exported):
     w, params, r = exported
     session, _ = open_session(r.model_path, device="cpu")
     meta = session.get_modelmeta().custom_metadata_map
-    assert json.loads(meta["labels"]) == ["circles", "squares", "stripes"]
+    assert meta["task"] == "classification" and json.loads(meta["labels"]) == ["circles", "squares", "stripes"]
     card = json.loads(meta["preprocessing"])
     assert card["input_size"] == [224, 224] and card["resize_size"] == 256 and card["mean"] == [0.5, 0.5, 0.5]
     assert json.loads(meta["backbone"])["arch"] == "timm:tf_efficientnet_lite0"
