@@ -37,19 +37,9 @@ from deploy.errors import ServeError, bad
 from deploy.images import budgeted, decode_full, decode_images, decode_images_sized
 from deploy.limits import LimitsAndMetrics
 from deploy.metrics import Metrics
-from deploy.predict import (
-    TaskInfo,
-    boxes_png,
-    classifications,
-    detections,
-    fill_output_shapes,
-    mask_overlay_png,
-    parse_format,
-    parse_threshold,
-    segmentation,
-    task_info,
-)
+from deploy.predict import REEXPORT, load_serving, parse_query
 from deploy.settings import Settings
+from tasks import contract
 from tasks.preprocess import PreprocessingCard
 from tasks.runtime import open_session
 
@@ -66,9 +56,9 @@ class Model:
     input_name: str
     input_shape: list[int]  # [-1, H, W, 3]
     outputs: list[dict]  # [{"name", "datatype", "shape"}]
+    task: str
+    serving: contract.Serving  # tasks.<task>.serve.Serving: what /v1/predict needs of the task
     metadata: dict[str, str] = field(default_factory=dict)
-    # the task (metadata `task`) and what /v1/predict needs to know of it
-    info: TaskInfo = field(default_factory=lambda: TaskInfo("classification", ()))
 
     @classmethod
     def load(cls, path: str, name: str, device: str, threads: int, spinning: bool = False) -> Model:
@@ -85,18 +75,21 @@ class Model:
         inp = session.get_inputs()
         if len(inp) != 1 or inp[0].type != "tensor(uint8)" or len(inp[0].shape) != 4:
             raise RuntimeError(f"{path}: expected one uint8 [N, H, W, 3] input, got {[(i.name, i.type, i.shape) for i in inp]}")
-        card_d = json.loads(meta["preprocessing"])
+        if contract.PREPROCESSING not in meta:
+            raise contract.ModelError(f"the model has no metadata {contract.PREPROCESSING!r}: {REEXPORT}")
+        card_d = json.loads(meta[contract.PREPROCESSING])
         known = {f.name for f in fields(PreprocessingCard)}
         card = PreprocessingCard.from_dict({k: v for k, v in card_d.items() if k in known})
-        labels = json.loads(meta["labels"]) if "labels" in meta else []
+        labels = list(contract.meta_labels(meta))
         shape = [-1] + [int(d) if isinstance(d, int) else -1 for d in inp[0].shape[1:]]
         if shape[1:3] == [-1, -1]:
             shape[1:3] = list(card.input_size)
         outs = [{"name": o.name, "datatype": v2_datatype_of_ort(o.type),
                  "shape": [-1] + [int(d) if isinstance(d, int) else -1 for d in o.shape[1:]]} for o in session.get_outputs()]
-        info = task_info(meta, labels, [o["name"] for o in outs], getattr(card, "resize_mode", "center_crop"))
-        fill_output_shapes(info, outs, shape[1:3])
-        return cls(session, provider, name, labels, card, inp[0].name, shape, outs, meta, info)
+        task, serving = load_serving(meta, [o["name"] for o in outs], (shape[1], shape[2]),
+                                     getattr(card, "resize_mode", "center_crop"))
+        serving.fill_output_shapes(outs)
+        return cls(session, provider, name, labels, card, inp[0].name, shape, outs, task, serving, meta)
 
     def run(self, pixels: np.ndarray) -> dict[str, np.ndarray]:
         results = self.session.run(None, {self.input_name: pixels})
@@ -130,10 +123,13 @@ class Service:
             self.model = model
             self.batcher = Batcher(model.run, s.max_batch_size, s.max_wait_ms, s.batching, self.metrics.observe_batch)
             log.info("%s model %s loaded from %s in %.2fs on %s; labels %s; input %s %s; batching %s (max %d, wait %.1f ms)",
-                     model.info.task, s.model_name, s.model_path, time.perf_counter() - t0, model.provider, model.labels,
+                     model.task, s.model_name, s.model_path, time.perf_counter() - t0, model.provider, model.labels,
                      model.input_name, model.input_shape, "on" if s.batching else "off", s.max_batch_size, s.max_wait_ms)
             self.ready.set()
             self.metrics.ready.set(1)
+        except contract.ModelError as e:  # a model file that says what it is wrongly: one line naming the fix
+            self.load_error = e
+            log.error("cannot serve model %s: %s", s.model_path, e)
         except BaseException as e:  # noqa: BLE001
             self.load_error = e
             log.error("cannot load model %s: %s: %s", s.model_path, type(e).__name__, e)
@@ -161,7 +157,7 @@ class Service:
         return {"name": m.name, "versions": ["1"], "platform": "onnxruntime_onnx",
                 "inputs": [{"name": m.input_name, "datatype": "UINT8", "shape": m.input_shape}],
                 "outputs": m.outputs,
-                "parameters": {**m.info.parameters(),
+                "parameters": {**m.serving.parameters(),
                                "labels": m.labels, "provider": m.provider, "preprocessing": m.card.preprocessing_dict(),
                                "max_batch_size": self.settings.max_batch_size,
                                "accepts": [f"{m.input_name}: UINT8 {m.input_shape}",
@@ -202,6 +198,10 @@ def create_app(settings: Settings):
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, e: ServeError):
         return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers())
+
+    @app.exception_handler(contract.QueryError)
+    async def _query_error(request: Request, e: contract.QueryError):
+        return JSONResponse({"error": str(e)}, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
@@ -263,43 +263,32 @@ def create_app(settings: Settings):
         return Response(content=content, headers=headers, media_type=None)
 
     @app.post("/v1/predict")
-    async def predict(request: Request, top_k: int = 5, threshold: str | None = None, format: str | None = None):
+    async def predict(request: Request):
         m = service.check_model(settings.model_name, None)
-        if top_k < 1:
-            raise bad(f"top_k must be >= 1, got {top_k}")
-        fmt, thr = parse_format(format, m.info), parse_threshold(threshold, m.info)  # bad ones fail before any work
+        serving = m.serving
+        fmt, query = parse_query(m.task, serving, request.query_params.multi_items())  # bad ones fail before any work
         blobs = await read_files(request)
         if fmt == "overlay" and len(blobs) != 1:
             raise bad(f"format=overlay answers one image (a PNG) per request, got {len(blobs)} images: "
                       "send them one at a time, or use format=json")
         items = [(f"file '{fn}'", b) for fn, b in blobs]
-        names = [fn for fn, _ in blobs]
-        task = m.info.task
-        if task == "classification":
-            out = await service.batcher.infer(await service.decode(m, items))
-            return {"model_name": m.name, "predictions": classifications(m.info, names, out, top_k)}
         pixels, sizes = await service.decode_sized(m, items)
         out = await service.batcher.infer(pixels)
         del pixels
-        input_hw = (m.input_shape[1], m.input_shape[2])
-        dets = [detections(m.info, out["boxes"][j], out["scores"][j], out["labels"][j], sizes[j], input_hw, thr)
-                for j in range(len(blobs))] if task == "detection" else []
+        rows = [{k: v[j] for k, v in out.items()} for j in range(len(blobs))]  # each image's outputs
         if fmt == "overlay":  # the one image decoded again at full size and drawn on: ~2 decodes' worth of memory
             def draw():
-                img = decode_full(blobs[0][1], items[0][0])
-                if task == "detection":
-                    return boxes_png(m.info, img, dets[0], sizes[0])
-                return mask_overlay_png(m.info, img, out["mask"][0])
+                return serving.overlay(decode_full(blobs[0][1], items[0][0]), rows[0], sizes[0], query)
 
             return Response(content=await service.full_size(sizes[0], 2, draw), media_type="image/png")
-        if task == "detection":
-            results = [{"filename": fn, "width": w, "height": h, "detections": d} for fn, (w, h), d in zip(names, sizes, dets)]
-        else:
-            results = []
-            for fn, (w, h), mask in zip(names, sizes, out["mask"]):  # a full-size mask: 1 byte a pixel, then a PNG
-                seg = await service.full_size((w, h), 0.5, segmentation, m.info, mask, (w, h))
-                results.append({"filename": fn, "width": w, "height": h, **seg})
-        return {"model_name": m.name, "task": task, "predictions": results}
+        results = []
+        for (fn, _), size, row in zip(blobs, sizes, rows):
+            if serving.answer_pixels:  # works on full-size pixels (a mask at the original size): in a thread, budgeted
+                answer = await service.full_size(size, serving.answer_pixels, serving.answer, row, size, query)
+            else:
+                answer = serving.answer(row, size, query)
+            results.append({"filename": fn, "width": size[0], "height": size[1], **answer})
+        return {"model_name": m.name, "task": m.task, "predictions": results}
 
     async def read_files(request: Request) -> list[tuple[str, bytes]]:
         """[(filename, bytes)] of the multipart body's file fields, at least one, at most MAX_BATCH_SIZE."""

@@ -20,24 +20,30 @@ Endpoints
         JSON `data` flat or nested; or the binary tensor extension (Inference-Header-Content-Length)
         for inputs, and for outputs when asked (`binary_data` per output, `binary_data_output` per request).
   POST /v1/predict                       multipart image file(s) (any field name); the answer follows the model's
-                                         metadata `task` (deploy/predict.py):
+                                         metadata `task` (tasks/<task>/serve.py), per image with filename, width,
+                                         height (the original's, after EXIF orientation):
         classification  ?top_k=5          -> top-k labels (+ ood_score, in_distribution with an OOD score), JSON
-        detection       ?threshold=0..1   -> per image its boxes in the original image's pixels, JSON
-        segmentation                      -> per image a mask PNG at the original size + class fractions, JSON
+        multilabel      ?top_k=5 ?threshold=0..1 -> the tags predicted + the top-k tags (+ OOD as above), JSON
+        detection       ?threshold=0..1   -> its boxes in the original image's pixels, JSON
+        segmentation                      -> a mask PNG at the original size + class fractions, JSON
         detection, segmentation ?format=overlay (one image) -> that image with its boxes / mask drawn, image/png
+        An option the model's task does not take -> 400 naming those it does.
   GET  /metrics                          Prometheus text format
 
 Where things are: deploy/codec.py (the protocol on the wire), deploy/batcher.py (dynamic batching),
 deploy/images.py (decoding within the pixel budget), deploy/limits.py (timeouts, connection cap, body
-budget, log flood filter), deploy/predict.py (/v1/predict's answer per task), deploy/app.py (model, routes),
-deploy/settings.py; this module starts uvicorn.
+budget, log flood filter), deploy/predict.py (finds the task's tasks/<task>/serve.py, parses the query),
+deploy/app.py (model, routes), deploy/settings.py; this module starts uvicorn.
 
 Bad input is a 4xx with {"error": "..."}: body over MAX_BODY_BYTES or image over MAX_IMAGE_PIXELS -> 413,
 undecodable image / wrong name, shape, datatype / too many images -> 400, request not received within
 READ_TIMEOUT_S -> 408, unknown model or version -> 404; model not loaded yet, or busy past QUEUE_TIMEOUT_S ->
 503 (busy: with Retry-After).
 
-No torch here: deploy/, tasks/preprocess.py and tasks/runtime.py are all the serving image holds.
+A model whose metadata has no `task` is refused at startup (one log line: re-export it with the current tlcv).
+
+No torch here: deploy/, tasks/preprocess.py, tasks/runtime.py, tasks/contract.py and each task's
+tasks/<task>/serve.py (with the packages' __init__.py) are all the serving image holds.
 """
 
 from __future__ import annotations

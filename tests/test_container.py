@@ -146,6 +146,11 @@ def test_image_is_slim_non_root_torch_free_and_healthy(container):
     assert sh(ENGINE, "exec", name, "id", "-u").stdout.strip() == "10001"
     r = sh(ENGINE, "exec", name, "python3", "-c", "import importlib.util as u; print(u.find_spec('torch') is None)")
     assert r.stdout.strip() == "True"
+    # every task's serving part is in the image and imports there (deploy/predict.py imports it by the model's task)
+    r = sh(ENGINE, "exec", name, "python3", "-c", "import importlib, deploy.server; from tasks.contract import TASKS; "
+           "print(sorted(importlib.import_module(f'tasks.{t}.serve').__name__ for t in TASKS))")
+    assert r.stdout.strip() == str(sorted(f"tasks.{t}.serve" for t in ("classification", "multilabel", "detection",
+                                                                        "segmentation"))), r
     r = sh(ENGINE, "exec", name, "python3", "-c", "import sys; print(sys.version_info[:2])")
     assert r.stdout.strip() == "(3, 11)"  # Debian bookworm's python3
     health = sh(ENGINE, "inspect", "--format", "{{json .Config.Healthcheck}}", name).stdout

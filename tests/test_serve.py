@@ -217,8 +217,10 @@ def test_v1_predict_multipart_top_k(server, model):
     up = [("files", (n, files[n], "image/jpeg" if n.endswith("jpg") else "image/png")) for n in NAMES]
     r = httpx.post(f"{server.url}/v1/predict", params={"top_k": 2}, files=up, timeout=30)
     assert r.status_code == 200, r.text
+    assert r.json()["task"] == "classification"
     preds = r.json()["predictions"]
     assert [p["filename"] for p in preds] == NAMES
+    assert (preds[-1]["width"], preds[-1]["height"]) == (700, 560)  # every answer says the original's size
     for p, ref in zip(preds, probs):
         order = np.argsort(-ref, kind="stable")[:2]
         assert [t["label"] for t in p["top_k"]] == [labels[i] for i in order]
@@ -518,6 +520,41 @@ def test_a_model_that_cannot_load_ends_the_process_non_zero(tmp_path):
     s = ServerProcess(tmp_path / "missing.onnx", tmp_path / "missing.log")
     assert s.proc.wait(60) == 2 and "does not exist" in s.log.read_text()
     s.stop()
+
+
+def test_a_model_without_task_metadata_is_refused_in_one_line_naming_the_fix(model, tmp_path):
+    """An older export (no metadata `task`) is not taken for a classifier: the server says to re-export it."""
+    import onnx
+
+    m = onnx.load(str(model[0]))
+    kept = [p for p in m.metadata_props if p.key != "task"]
+    assert len(kept) == len(m.metadata_props) - 1
+    del m.metadata_props[:]
+    m.metadata_props.extend(kept)
+    old = tmp_path / "old.onnx"
+    onnx.save(m, str(old))
+    s = ServerProcess(old, tmp_path / "old.log")
+    try:
+        assert s.proc.wait(60) == 1
+    finally:
+        s.stop()
+    log = s.log.read_text()
+    lines = [x for x in log.splitlines() if "task" in x]
+    assert len(lines) == 1 and "no metadata 'task'" in lines[0] and "re-export it with the current tlcv" in lines[0], log
+    assert "Traceback" not in log and "loaded" not in log
+
+
+@pytest.mark.parametrize(("params", "words"), [
+    ({"threshold": "0.5"}, ["'threshold'", "classification", "top_k, format"]),
+    ({"top_k": "0"}, ["top_k", ">= 1"]),
+    ({"top_k": "2.5"}, ["top_k", "integer"]),
+    ({"top_k": "2", "format": "overlay"}, ["'overlay'", "classification"]),
+])
+def test_an_option_the_classifier_does_not_take_is_400(server, model, params, words):
+    up = [("files", (NAMES[0], model[1][NAMES[0]], "image/png"))]
+    _error(httpx.post(f"{server.url}/v1/predict", params=params, files=up, timeout=30), 400, *words)
+    r = httpx.post(f"{server.url}/v1/predict?top_k=1&top_k=2", files=up, timeout=30)
+    _error(r, 400, "'top_k'", "twice")
 
 
 def test_settings_come_from_flags_then_environment_then_defaults():

@@ -116,8 +116,8 @@ def ood_classifier(path: Path) -> Path:
                helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2]),
                helper.make_tensor_value_info("ood_score", TensorProto.FLOAT, ["N"])]
     card = {**CARD, "resize_mode": "center_crop"}
-    return _save(path, nodes, outputs, consts, {"labels": json.dumps(["a", "b"]), "preprocessing": json.dumps(card),
-                                                "ood_threshold": "100"})
+    return _save(path, nodes, outputs, consts, {"task": "classification", "labels": json.dumps(["a", "b"]),
+                                                "preprocessing": json.dumps(card), "ood_threshold": "100"})
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -372,9 +372,11 @@ def test_segmentation_overlay_blends_the_palette_over_the_original_image(seg):
     ({"threshold": "1.5"}, 1, 400, ["threshold"]),
     ({"threshold": "-0.1"}, 1, 400, ["threshold"]),
     ({"threshold": "nan"}, 1, 400, ["threshold"]),
-    ({"format": "jpeg"}, 1, 400, ["unknown format", "overlay"]),
+    ({"format": "jpeg"}, 1, 400, ["format 'jpeg'", "json", "overlay"]),
     ({"format": "overlay"}, 2, 400, ["one image", "got 2"]),
-    ({"top_k": "0"}, 1, 400, ["top_k"]),
+    ({"top_k": "3"}, 1, 400, ["'top_k'", "detection", "threshold"]),  # an option of another task
+    ({"iou": "0.5"}, 1, 400, ["'iou'", "detection", "threshold"]),
+    ({"threshold": "0.5", "format": "json", "x": "1"}, 1, 400, ["'x'"]),
 ])
 def test_bad_detection_requests_are_400_naming_the_problem(det, params, n, status, words):
     files = upload(*[(f"{i}.png", encode(rgb(40, 30), "PNG")) for i in range(n)])
@@ -390,7 +392,7 @@ def test_bad_images_and_limits_hold_on_the_dense_paths(det, seg):
             r = httpx.post(f"{server.url}/v1/predict", params=params, files=upload(("big.png", big)), timeout=30)
             _error(r, 413, "MAX_IMAGE_PIXELS")
     _error(httpx.post(f"{seg.url}/v1/predict", params={"threshold": "0.5"}, files=upload(("a.png", encode(rgb(9, 9), "PNG"))),
-                      timeout=30), 400, "threshold", "detection")
+                      timeout=30), 400, "'threshold'", "segmentation", "format")
     _error(httpx.post(f"{seg.url}/v1/predict", params={"format": "overlay"},
                       files=upload(*[(f"{i}.png", encode(rgb(9, 9), "PNG")) for i in range(3)]), timeout=30), 400, "one image")
     for server in (det, seg):  # and both still answer
@@ -406,10 +408,13 @@ def test_a_classifier_with_an_ood_score_says_which_images_are_in_distribution(mo
         r = httpx.post(f"{s.url}/v1/predict", params={"top_k": 1}, files=upload(*files), timeout=30)
         assert r.status_code == 200, r.text
         preds = r.json()["predictions"]
-        assert [p["top_k"][0]["label"] for p in preds] == ["b", "b"] and "task" not in r.json()
+        assert [p["top_k"][0]["label"] for p in preds] == ["b", "b"] and r.json()["task"] == "classification"
+        assert [(p["filename"], p["width"], p["height"]) for p in preds] == [("dark.png", 50, 40), ("bright.png", 50, 40)]
         assert [(p["ood_score"], p["in_distribution"]) for p in preds] == [(10.0, True), (250.0, False)]
         _error(httpx.post(f"{s.url}/v1/predict", params={"format": "overlay"}, files=upload(files[0]), timeout=30),
-               400, "overlay", "classifier")
+               400, "'overlay'", "classification", "json")
+        _error(httpx.post(f"{s.url}/v1/predict", params={"threshold": "0.5"}, files=upload(files[0]), timeout=30),
+               400, "'threshold'", "classification", "top_k")
         meta = httpx.get(f"{s.url}/v2/models/classifier", timeout=5).json()
         assert meta["parameters"]["task"] == "classification" and meta["parameters"]["ood_threshold"] == 100.0
         assert [o["shape"] for o in meta["outputs"]] == [[-1, 2], [-1, 2], [-1]]
@@ -437,14 +442,24 @@ def test_one_decode_gives_load_images_pixels_and_the_original_size():
 
 
 def test_models_the_server_cannot_serve_as_their_task_says_are_refused():
-    from deploy.predict import task_info
+    from deploy.predict import load_serving
+
+    from tasks.contract import ModelError
 
     meta = {"task": "detection", "score_threshold": "0.3"}
-    assert task_info(meta, DET_LABELS, ["boxes", "scores", "labels"], "stretch").score_threshold == 0.3
-    for m, outs, mode, words in [({"task": "pose"}, [], "stretch", "not one this server serves"),
+    outs = ["boxes", "scores", "labels"]
+    task, serving = load_serving(meta, outs, (H, W), "stretch")
+    assert task == "detection" and serving.score_threshold == 0.3 and type(serving).__module__ == "tasks.detection.serve"
+    for m, outs, mode, words in [({}, [], "stretch", "no metadata 'task'"),
+                                 ({"task": "pose"}, [], "stretch", "not one this server serves"),
+                                 ({"task": "os"}, [], "stretch", "not one this server serves"),  # never imported
                                  (meta, ["boxes", "scores"], "stretch", "missing ['labels']"),
-                                 (meta, ["boxes", "scores", "labels"], "center_crop", "resize_mode 'stretch'"),
-                                 ({**meta, "score_threshold": "high"}, ["boxes", "scores", "labels"], "stretch", "number"),
-                                 ({"task": "segmentation", "palette": "[[1, 2]]"}, ["mask"], "stretch", "palette")]:
-        with pytest.raises(RuntimeError, match=words.replace("[", r"\[").replace("]", r"\]")):
-            task_info(m, [], outs, mode)
+                                 (meta, outs, "center_crop", "resize_mode 'stretch'"),
+                                 ({**meta, "score_threshold": "high"}, outs, "stretch", "number"),
+                                 ({"task": "segmentation", "palette": "[[1, 2]]"}, ["mask"], "stretch", "palette"),
+                                 ({"task": "multilabel"}, ["probabilities", "tags"], "center_crop", "thresholds"),
+                                 ({"task": "multilabel", "labels": '["a", "b"]', "thresholds": "[0.5]"},
+                                  ["probabilities", "tags"], "center_crop", "1 thresholds for 2 labels"),
+                                 ({"task": "classification"}, ["logits"], "center_crop", "missing ['probabilities']")]:
+        with pytest.raises(ModelError, match=words.replace("[", r"\[").replace("]", r"\]")):
+            load_serving(m, outs, (H, W), mode)

@@ -1,6 +1,7 @@
 """The serving deployment's files: `make serve` honours HOST/PORT, the base image takes its Debian mirror
-from this machine's apt sources (the repository names no package host), deploy/ stays in small files, and
-the server opens exactly one onnxruntime session, through tasks.runtime.open_session."""
+from this machine's apt sources (the repository names no package host), deploy/ stays in small files, the
+image holds everything the server imports at run time and nothing that imports torch, and the server opens
+exactly one onnxruntime session, through tasks.runtime.open_session."""
 
 from __future__ import annotations
 
@@ -126,10 +127,124 @@ def test_no_file_in_deploy_is_over_500_lines():
     assert sizes and max(sizes.values()) <= 500, sizes
 
 
-def test_the_image_gets_every_module_the_server_imports():
-    build = (ROOT / "deploy" / "build-image.sh").read_text()
-    docker = (ROOT / "deploy" / "Dockerfile").read_text()
-    assert 'cp deploy/*.py "$CTX/deploy/"' in build and "COPY deploy/*.py /app/deploy/" in docker
+TORCH = ("torch", "torchvision", "timm")
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module an `import` in the file names, function-level ones too (they run), relative ones resolved."""
+    import ast
+
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join([*package.split(".")[: len(package.split(".")) - node.level + 1], *filter(None, [base])])
+            out.add(base)
+            out |= {f"{base}.{a.name}" for a in node.names}  # `from tasks import contract`
+    return out
+
+
+def project_file(module: str) -> Path | None:
+    base = ROOT / Path(*module.split("."))
+    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+
+
+def runtime_closure() -> set[str]:
+    """The repository files the server needs at run time: deploy.server's imports, followed through the project,
+    plus tasks.<task>.serve for every task (deploy/predict.py imports it by name), with every package's
+    __init__.py on the way."""
+    from tasks.contract import TASKS
+
+    todo, seen = ["deploy.server", *(f"tasks.{t}.serve" for t in TASKS)], set()
+    while todo:
+        m = todo.pop()
+        parts = m.split(".")
+        for i in range(1, len(parts) + 1):
+            f = project_file(".".join(parts[:i]))
+            if f is not None and f not in seen:
+                seen.add(f)
+                todo += [x for x in imports_of(f) if x.split(".")[0] in ("tasks", "deploy", "flows")]
+    return {f.relative_to(ROOT).as_posix() for f in seen}
+
+
+def image_files() -> set[str]:
+    out = subprocess.run([str(ROOT / "deploy" / "build-image.sh"), "--print-files"], cwd="/", capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()
+    assert len(out) == len(set(out)), out
+    return set(out)
+
+
+def dockerfile_copies() -> set[str]:
+    """The repository files deploy/Dockerfile's COPY lines take (globs expanded), but the model and requirements."""
+    files: set[str] = set()
+    for line in (ROOT / "deploy" / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            for src in line.split()[1:-1]:
+                if "$" not in src and src != "deploy/requirements.txt":
+                    files |= {p.relative_to(ROOT).as_posix() for p in ROOT.glob(src)}
+    return files
+
+
+def test_the_image_holds_everything_the_server_imports_and_nothing_that_imports_torch():
+    closure, image = runtime_closure(), image_files()
+    assert {"deploy/server.py", "tasks/contract.py", "tasks/classification/serve.py", "tasks/multilabel/serve.py",
+            "tasks/detection/__init__.py", "tasks/segmentation/serve.py"} <= closure
+    assert closure <= image, f"the image lacks {sorted(closure - image)} (deploy/build-image.sh image_files)"
+    assert dockerfile_copies() == image, (f"deploy/Dockerfile copies {sorted(dockerfile_copies() - image)} more and "
+                                          f"{sorted(image - dockerfile_copies())} less than build-image.sh's context")
+    torchy = {f: sorted(i for i in imports_of(ROOT / f) if i.split(".")[0] in TORCH) for f in image}
+    assert not {f: i for f, i in torchy.items() if i}, torchy
+    # each task's serve.py imports nothing of tasks/ but the contract
+    for f in image:
+        if f.endswith("/serve.py"):
+            ours = {i for i in imports_of(ROOT / f) if i.split(".")[0] == "tasks"}
+            assert ours <= {"tasks", "tasks.contract"}, (f, ours)
+
+
+def test_every_task_serves_through_the_same_interface():
+    """tasks.<task>.serve.Serving for every task in the contract, with every member of contract.Serving."""
+    import importlib
+    import inspect
+
+    from tasks import contract
+
+    members = {n for n in dir(contract.Serving) if not n.startswith("_")} | set(contract.Serving.__annotations__)
+    assert members >= {"required", "resize_modes", "formats", "answer_pixels", "parameters", "fill_output_shapes",
+                       "query", "answer", "overlay"}
+    for task in contract.TASKS:
+        cls = importlib.import_module(f"tasks.{task}.serve").Serving
+        wanted = members - ({"overlay"} if "overlay" not in cls.formats else set())
+        assert all(hasattr(cls, n) for n in wanted), (task, sorted(n for n in wanted if not hasattr(cls, n)))
+        assert cls.formats[0] == "json" and set(cls.formats) <= {"json", "overlay"}
+        assert set(cls.required) <= set(contract.OUTPUTS[task]), task
+        assert list(inspect.signature(cls).parameters) == ["meta", "outputs", "input_hw"], task
+
+
+def test_the_image_files_alone_import_the_server_and_every_task_without_torch(tmp_path):
+    """The files the image holds, copied alone: deploy.server and every tasks.<task>.serve import from them
+    (nothing from this checkout, nothing from the venv's editable install), and torch never loads."""
+    import sys
+
+    for f in image_files():
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / f, tmp_path / f)
+    code = (
+        "import importlib, sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if '__editable__' not in getattr(f, '__module__', '')]\n"
+        "import deploy.server\n"
+        "from tasks.contract import TASKS\n"
+        "for t in TASKS: importlib.import_module(f'tasks.{t}.serve').Serving\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "ours = [m.__file__ for n, m in sys.modules.items() if n.split('.')[0] in ('tasks', 'deploy')]\n"
+        f"assert all(f.startswith({str(tmp_path)!r}) for f in ours), ours\n"
+        "print('ok', len(ours))\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------- one session
@@ -160,7 +275,9 @@ def test_the_server_opens_one_session_through_open_session_with_spinning_off(tmp
     m = app_module.Model.load(str(model), "classifier", "cpu", threads=1, spinning=False)
     assert len(made) == 1 and calls == [{"device": "cpu", "threads": 1, "spinning": False}]
     assert made[0].get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert m.outputs == [{"name": "scores", "datatype": "FP32", "shape": [-1, 2]}, {"name": "mask", "datatype": "UINT8", "shape": [-1, 4, 4]}]
+    assert m.task == "classification"
+    assert m.outputs == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 2]},
+                         {"name": "mask", "datatype": "UINT8", "shape": [-1, 4, 4]}]
     # and the signature the pipeline stages use still works, spinning left on
     s, provider = runtime.open_session(model, device="cpu")
     assert provider == "CPUExecutionProvider" and len(made) == 2
@@ -169,7 +286,7 @@ def test_the_server_opens_one_session_through_open_session_with_spinning_off(tmp
 
 
 def tiny_onnx(path: Path) -> Path:
-    """uint8 [N, 4, 4, 3] -> scores FP32 [N, 2] and mask UINT8 [N, 4, 4], with the metadata the server reads."""
+    """uint8 [N, 4, 4, 3] -> probabilities FP32 [N, 2] and mask UINT8 [N, 4, 4], with the metadata the server reads."""
     import json
 
     onnx = pytest.importorskip("onnx")
@@ -178,17 +295,17 @@ def tiny_onnx(path: Path) -> Path:
     nodes = [
         helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT),
         helper.make_node("ReduceMean", ["x"], ["s"], axes=[1, 2], keepdims=0),
-        helper.make_node("Slice", ["s", "starts", "ends", "axis"], ["scores"]),
+        helper.make_node("Slice", ["s", "starts", "ends", "axis"], ["probabilities"]),
         helper.make_node("ReduceMax", ["images"], ["mask"], axes=[3], keepdims=0),
     ]
     consts = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in (("starts", 0), ("ends", 2), ("axis", 1))]
     graph = helper.make_graph(
         nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", 4, 4, 3])],
-        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 2]),
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 2]),
          helper.make_tensor_value_info("mask", TensorProto.UINT8, ["N", 4, 4])], initializer=consts)
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     card = {"input_size": [4, 4], "resize_size": 4, "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.5] * 3}
-    for k, v in (("preprocessing", json.dumps(card)), ("labels", json.dumps(["a", "b"]))):
+    for k, v in (("task", "classification"), ("preprocessing", json.dumps(card)), ("labels", json.dumps(["a", "b"]))):
         m.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
     onnx.save(m, str(path))
     return path
