@@ -1,4 +1,4 @@
-"""Do `features.layers: multi` and `features.flip: true` help? The whole classification pipeline, each way,
+"""Do `classification.features.layers: multi` and `.flip: true` help? The whole classification pipeline, each way,
 on a far dataset (the digits demo) and a close one (hymenoptera), in one run.
 
     python bench/feature_options.py                       # digits + ../shared/datasets/hymenoptera
@@ -50,7 +50,7 @@ def main() -> None:
                 layout = Layout(Path(tmp) / name / f"{layers}-flip{int(flip)}")
                 layout.prepared.parent.mkdir(parents=True, exist_ok=True)
                 layout.prepared.symlink_to(prepared.prepared.resolve(), target_is_directory=True)
-                params = parse_params({**base, "features": {"layers": layers, "flip": flip}})
+                params = parse_params({**base, "classification": {"features": {"layers": layers, "flip": flip}}})
                 card = backbone.run(params, layout).card
                 t0 = time.perf_counter()
                 f = features.run(params, layout, force=True)
