@@ -10,6 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 STAGES = ("prepare", "backbone", "features", "train", "evaluate", "export")
 
@@ -51,7 +52,11 @@ def run_pipeline(raw: dict, sets: list[str]) -> Run:
         layout = Layout(Path(tmp))
         for name in STAGES:
             t0 = time.perf_counter()
-            results[name] = modules[name].run(params, layout)
+            try:
+                results[name] = modules[name].run(params, layout)
+            except export.ExportError as exc:  # a failed gate is a result too: the bench still prints its line
+                print(f"{name}: {exc}", file=sys.stderr, flush=True)
+                results[name] = SimpleNamespace(parity=json.loads(layout.parity.read_text()), error=str(exc))
             times[name] = time.perf_counter() - t0
             loads.append(os.getloadavg()[0])
             print(f"{name}: {times[name]:.1f}s (load {loads[-1]:.1f})", file=sys.stderr, flush=True)

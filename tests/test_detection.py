@@ -324,7 +324,7 @@ def test_parity_forgives_a_detection_that_noise_puts_across_a_cut_off_and_nothin
         return image_parity(dets(*onnx_rows, k=kk), dets(*torch_rows, k=kk), thr, nms, kk, tol)
 
     ok, d = check([a, b], [a, b])
-    assert ok and d["unmatched"] == 0 and d["ties"] == {"threshold": 0, "top_k": 0, "nms": 0}
+    assert ok and d["unmatched"] == 0 and d["ties"] == {"threshold": 0, "top_k": 0, "nms": 0, "nms_chain": 0}
     ok, d = check([a, (b[0], b[1] + 2e-4, 1)], [a, b])  # a matched pair beyond the tolerance
     assert not ok and d["max_score_diff"] > tol
 
@@ -358,3 +358,10 @@ def test_parity_forgives_a_detection_that_noise_puts_across_a_cut_off_and_nothin
     assert ok and d["ties"]["nms"] == 2
     ok, d = check([a, b], [([1, 0, 11, 10], 0.95, 0), b])
     assert not ok
+    # ... and a chain: the tie kept on one side only suppresses there a box the other side keeps
+    x = np.float32(10 / 3)
+    tied, behind = ([x, 0, x + 10, 10], 0.3, 0), ([x + 3, 0, x + 13, 10], 0.2, 0)  # behind overlaps tied by 0.6
+    ok, d = check([a, b, tied], [a, b, behind])
+    assert ok and d["ties"]["nms"] == 1 and d["ties"]["nms_chain"] == 1 and d["lone"] == []
+    ok, d = check([a, b], [a, b, behind])  # no tie to start a chain: a real disagreement, listed
+    assert not ok and d["unmatched"] == 1 and d["lone"][0]["side"] == "torch"

@@ -32,7 +32,13 @@ def parity_failure(q: dict) -> str:
     return (f"{q['images_matching']} of {q['n']} {q['split']} images give the same detections in onnxruntime and "
             f"PyTorch ({q['unmatched_detections']} detection(s) on one side only, not at a cut-off; min matched IoU "
             f"{q['min_matched_iou']:.4f}, max score difference {q['max_score_diff']:.1e}, tolerance "
-            f"{q['score_tolerance']:.0e}{_ties(q)})")
+            f"{q['score_tolerance']:.0e}{_ties(q)}){_first(q)}")
+
+
+def _first(q: dict) -> str:
+    d = (q.get("disagreements") or [None])[0]
+    return "" if d is None else (f"; first: image {d['image']}, {d['side']} only, label {d['label']} score "
+                                 f"{d['score']:.4f} box {d['box']}")
 
 
 def result_lines(m: dict, parity: dict | None, layout) -> list[str]:
