@@ -326,6 +326,15 @@ class Layout:
                                 f"run the select stage first (dvc repro select)")
         return report["choice"]
 
+    def artifact_lines(self, pictures: str, onnx: str | None = None) -> list[str]:
+        """What every task's summary ends with: the model files, the reports (`pictures`: what evaluation/ holds)
+        and, after an export, the exported model (`onnx`: what its parity gate says)."""
+        lines = [f"model     {self.checkpoint}  (+ model.safetensors, head.pt, labels.json)",
+                 f"reports   {self.metrics}, {self.evaluation}/ ({pictures})"]
+        if onnx is not None:
+            lines.append(f"onnx      {self.model_onnx}: {onnx}; Triton repository {self.export}/triton/")
+        return lines
+
     def read_json(self, path: Path, default=None):
         """An optional JSON artifact (metrics, parity, reports): `default` when it is not there."""
         return read_json(path) if Path(path).exists() else default

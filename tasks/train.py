@@ -30,12 +30,13 @@ class TrainResult:
 
 
 def write_history(history: list[dict], path: Path, cols: list[str]) -> None:
-    """One row per epoch or per candidate (L2 strength): the DVC learning-curve plot."""
+    """One row per epoch or per candidate (L2 strength): the DVC learning-curve plot. A row without a phase is
+    the selection run's (the refit after a train holdout says "refit")."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
     for row in history:
-        w.writerow({c: (round(v, 6) if isinstance(v, float) else v) for c, v in row.items()})
+        w.writerow({c: (round(v, 6) if isinstance(v, float) else v) for c, v in {"phase": "select", **row}.items()})
     write_text(path, buf.getvalue())
 
 

@@ -47,12 +47,16 @@ def plot_calibration(bins: list[dict], ece: float, path: Path) -> None:
     save_png(fig, path)
 
 
-def eval_logits(params: Params, layout: Layout, ckpt: Checkpoint, dataset: Dataset, split: str) -> np.ndarray:
-    """Logits of the eval split: the head on cached features, or the whole network when the backbone was trained."""
+def eval_logits(params: Params, layout: Layout, ckpt: Checkpoint, dataset: Dataset, split: str
+                ) -> tuple[np.ndarray, dict]:
+    """(logits of the eval split, OOD metrics): the head on the cached features (read once for both), or the whole
+    network when the backbone was trained (no OOD statistics then)."""
     if not ckpt.meta.get("backbone_trained"):
+        head = load_head(ckpt)
         x = layout.feature_cache().load()[f"x_{split}"]
         with torch.no_grad():
-            return load_head(ckpt)(torch.from_numpy(x)).numpy()
+            logits = head(torch.from_numpy(x)).numpy()
+        return logits, ood_metrics(ckpt.extra, head[0], x)
     device = pick_device(params.device)
     model = load_classifier(ckpt).to(device)
     out = []
@@ -60,7 +64,7 @@ def eval_logits(params: Params, layout: Layout, ckpt: Checkpoint, dataset: Datas
     with torch.inference_mode(), autocast(device):
         for batch in decoded_batches(paths, ckpt.card, params.features.batch_size, params.features.decode_workers):
             out.append(model(torch.from_numpy(batch).to(device)).float().cpu().numpy())
-    return np.concatenate(out)
+    return np.concatenate(out), {}
 
 
 def evaluate(params: Params, layout: Layout, out: Path) -> dict:
@@ -69,11 +73,9 @@ def evaluate(params: Params, layout: Layout, out: Path) -> dict:
     ckpt = load_model(layout, "classification", dataset)
     split = dataset.eval_split
     items, y, classes = dataset.split(split), dataset.labels(split), dataset.classes
-    logits = eval_logits(params, layout, ckpt, dataset, split)
+    logits, ood = eval_logits(params, layout, ckpt, dataset, split)
     r = classification_metrics(logits, y, classes, ep.ece_bins)
     ci = bootstrap_ci(y, r["pred"], len(classes), ep.bootstrap_samples, ep.bootstrap_seed) if ep.bootstrap_samples else {}
-    ood = {} if ckpt.meta.get("backbone_trained") else \
-        ood_metrics(ckpt.extra, load_head(ckpt)[0], layout.feature_cache().load()[f"x_{split}"])
     meta = ckpt.meta
     metrics = {**{k: round(v, 6) if isinstance(v, float) else v for k, v in r["metrics"].items()},
                **{f"{k}_ci95": [round(v, 4) for v in lo_hi] for k, lo_hi in ci.items()},

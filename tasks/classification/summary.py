@@ -45,11 +45,8 @@ def parity_failure(q: dict) -> str:
 def result_lines(m: dict, parity: dict | None, layout) -> list[str]:
     lines = [
         f"result    {m['eval_split']} {_score(m)} (n={m['n']}; {m['solver']}, {chosen(m)} chosen on {m['model_selected_on']})",
-        f"model     {layout.checkpoint}  (+ model.safetensors, head.pt, labels.json)",
-        f"reports   {layout.metrics}, {layout.evaluation}/ (per_class.csv, confusion.png, calibration.png, mistakes.png)",
     ]
-    if parity is not None and "onnx_accuracy" in parity:
-        lines.append(f"onnx      {layout.model_onnx}: onnxruntime accuracy {parity['onnx_accuracy']:.4f} (PyTorch "
-                     f"{parity['torch_accuracy']:.4f}), argmax agreement {parity['argmax_agreement']:.2%}, max |dp| "
-                     f"{parity['max_abs_prob_diff']:.1e}; Triton repository {layout.export}/triton/")
-    return lines
+    onnx = None if parity is None or "onnx_accuracy" not in parity else (
+        f"onnxruntime accuracy {parity['onnx_accuracy']:.4f} (PyTorch {parity['torch_accuracy']:.4f}), argmax agreement "
+        f"{parity['argmax_agreement']:.2%}, max |dp| {parity['max_abs_prob_diff']:.1e}")
+    return lines + layout.artifact_lines("per_class.csv, confusion.png, calibration.png, mistakes.png", onnx)

@@ -116,7 +116,6 @@ def train_on_features(p, n_classes: int, feats: dict[str, np.ndarray], sel: Sele
                                "selection_accuracy": acc}
     head, history, best, acc = fit_head(x_fit, y_fit, n_classes, p, x_sel, y_sel,
                                         desc="select epoch" if refit else "train head", progress=progress)
-    history = [{"phase": "select", **row} for row in history]
     if refit:
         head, refit_hist, _, _ = fit_head(x, y, n_classes, p, None, None, stop_at=best, desc="refit head")
         history += [{**row, "phase": "refit"} for row in refit_hist]
@@ -216,7 +215,7 @@ def train_through_backbone(params: Params, layout: Layout, dataset: Dataset, sel
             seen += len(target)
         model.eval()
         sel_acc = image_accuracy(model, sel_loader, device)
-        history.append({"step": epoch, "phase": "select", "train_loss": total_loss / seen, "train_acc": correct / seen,
+        history.append({"step": epoch, "train_loss": total_loss / seen, "train_acc": correct / seen,
                         "select_acc": sel_acc, "lr": opt.param_groups[0]["lr"]})
         bar.set_postfix(loss=f"{total_loss / seen:.3f}", sel_acc=f"{sel_acc:.3f}")
         if progress:

@@ -44,11 +44,7 @@ def _first(q: dict) -> str:
 def result_lines(m: dict, parity: dict | None, layout) -> list[str]:
     per = ", ".join(f"{c} {v:.3f}" for c, v in m["ap50_per_class"].items())
     lines = [f"result    {m['eval_split']} mAP@[.5:.95] {m['map']:.4f}, AP50 {m['ap50']:.4f} ({per}), "
-             f"AP75 {m['ap75']:.4f} (n={m['n']}; epoch {m['best_epoch']} chosen on {m['model_selected_on']})",
-             f"model     {layout.checkpoint}  (+ model.safetensors, head.pt, labels.json)",
-             f"reports   {layout.metrics}, {layout.evaluation}/ ({PICTURES})"]
-    if parity is not None:
-        lines.append(f"onnx      {layout.model_onnx}: parity gate {'passed' if parity['passed'] else 'FAILED'} on "
-                     f"{parity['n']} {parity.get('split', '')} images{_ties(parity)}; Triton repository "
-                     f"{layout.export}/triton/")
-    return lines
+             f"AP75 {m['ap75']:.4f} (n={m['n']}; epoch {m['best_epoch']} chosen on {m['model_selected_on']})"]
+    gate = None if parity is None else (f"parity gate {'passed' if parity['passed'] else 'FAILED'} on {parity['n']} "
+                                        f"{parity.get('split', '')} images{_ties(parity)}")
+    return lines + layout.artifact_lines(PICTURES, gate)

@@ -51,9 +51,6 @@ def result_lines(m: dict, parity: dict | None, layout) -> list[str]:
     lines = [
         f"result    {m['eval_split']} {_score(m)} (n={m['n']}, {m['num_tags']} tags; {m['solver']}, {chosen(m)} and "
         f"the per-tag thresholds chosen on {m['model_selected_on']})",
-        f"model     {layout.checkpoint}  (+ model.safetensors, head.pt, labels.json)",
-        f"reports   {layout.metrics}, {layout.evaluation}/ (per_tag.csv, predictions.csv, ap.png, mistakes.png)",
     ]
-    if parity is not None and "tag_agreement" in parity:
-        lines.append(f"onnx      {layout.model_onnx}: {export_line(parity)}; Triton repository {layout.export}/triton/")
-    return lines
+    onnx = export_line(parity) if parity is not None and "tag_agreement" in parity else None
+    return lines + layout.artifact_lines("per_tag.csv, predictions.csv, ap.png, mistakes.png", onnx)

@@ -70,7 +70,7 @@ def select_l2(x: torch.Tensor, y: torch.Tensor, p, x_sel: torch.Tensor, y_sel: t
         head = fit_lbfgs(x, y, y.shape[1], l2, p.feature_power, loss="sigmoid", pos_weight=pos_weight)
         train_loss, _, _ = score(head, x, y)
         sel_loss, sel_map, _ = score(head, x_sel, y_sel)
-        history.append({"step": step, "phase": "select", "l2": l2, "train_loss": train_loss, "select_loss": sel_loss,
+        history.append({"step": step, "l2": l2, "train_loss": train_loss, "select_loss": sel_loss,
                         "select_map": sel_map})
         if progress:
             progress(step, len(p.l2))
@@ -143,7 +143,7 @@ def train(params: Params, layout: Layout, progress: Progress | None = None) -> T
     else:
         head, history, best_epoch = fit_epochs(x_fit, y_fit, p, pos_weight, x_sel, y_sel, p.epochs,
                                                "select epoch" if refit else "train multi-label head", progress)
-        history, l2 = [{"phase": "select", **row} for row in history], None
+        l2 = None
     sel_loss, sel_map, sel_probs = score(head, x_sel, y_sel)
     thresholds, source = best_thresholds(sel_probs, y_sel.numpy(), p.min_positives)
     if refit:

@@ -35,11 +35,7 @@ def parity_failure(q: dict) -> str:
 
 def result_lines(m: dict, parity: dict | None, layout) -> list[str]:
     lines = [f"result    {m['eval_split']} mIoU {m['miou']:.4f}, pixel accuracy {m['pixel_accuracy']:.4f}, fw-IoU "
-             f"{m['fw_iou']:.4f} (n={m['n']}; epoch {m['best_epoch']} chosen on {m['model_selected_on']})",
-             f"model     {layout.checkpoint}  (+ model.safetensors, head.pt, labels.json)",
-             f"reports   {layout.metrics}, {layout.evaluation}/ ({PICTURES})"]
-    if parity is not None:
-        lines.append(f"onnx      {layout.model_onnx}: parity gate {'passed' if parity['passed'] else 'FAILED'} on "
-                     f"{parity['n']} {parity.get('split', '')} images{_ties(parity)}; Triton repository "
-                     f"{layout.export}/triton/")
-    return lines
+             f"{m['fw_iou']:.4f} (n={m['n']}; epoch {m['best_epoch']} chosen on {m['model_selected_on']})"]
+    gate = None if parity is None else (f"parity gate {'passed' if parity['passed'] else 'FAILED'} on {parity['n']} "
+                                        f"{parity.get('split', '')} images{_ties(parity)}")
+    return lines + layout.artifact_lines(PICTURES, gate)
