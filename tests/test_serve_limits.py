@@ -170,12 +170,12 @@ def proc_status_kib(pid: int, field: str) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
 def test_decoding_stays_inside_the_pixel_budget_and_memory_with_it(model, tmp_path):
-    # 6 requests of 4 images of 9 M pixels at once; MAX_DECODE_PIXELS lets 2 images decode at a time. Each
-    # decode holds ~8 bytes a pixel (~72 MB). Measured here: within the budget the server grows by ~130 MiB;
-    # with the budget lifted ~350 MiB; with freed memory kept in glibc's per-thread arenas ~270 MiB.
+    # 6 requests of 4 images of 9 M pixels at once; MAX_DECODE_PIXELS lets one image decode at a time. Measured
+    # here (2026-12-05, 3 runs each): within the budget the server grows by 115-119 MiB; with the budget lifted
+    # (6 at once) by 346-392 MiB. (With 2 at a time it grew by 150-232 MiB, too close to a bound to hold.)
     side, per_image = 3000, 3000 * 3000
     s = ServerProcess(model[0], tmp_path / "decode.log", "--max-image-pixels", str(per_image),
-                      "--max-decode-pixels", str(2 * per_image)).wait_ready()
+                      "--max-decode-pixels", str(per_image)).wait_ready()
     try:
         pngs = [_png(side, i) for i in range(4)]
         rss0 = proc_status_kib(s.proc.pid, "VmRSS")
@@ -198,6 +198,6 @@ def test_decoding_stays_inside_the_pixel_budget_and_memory_with_it(model, tmp_pa
         assert s.stop() == 0, s.log.read_text()[-3000:]
     assert codes == [200] * 6
     peak = samples[("tlcv_budget_peak", (("budget", "decode_pixels"),))]
-    assert per_image < peak <= 2 * per_image  # it ran 2 at a time, never more
+    assert peak == per_image  # it ran one at a time, never more
     grew_mib = (hwm - rss0) / 1024
     assert grew_mib < 220, f"server grew by {grew_mib:.0f} MiB while decoding"
