@@ -62,7 +62,7 @@ def run(params: Params, layout: Layout, progress: Progress | None = None, export
         card = PreprocessingCard(**{**card_fields, "weights_sha256": sha256_file(tmp / layout.weights.name)})
         if export_onnx:
             export_images_model(kind.extractor(net, card), card.input_size, tmp / layout.features_onnx.name,
-                                kind.OUTPUTS)
+                                kind.OUTPUTS, keep_batchnorm=True)
         write_json(tmp / layout.card_json.name, card.to_dict())
     return BackboneResult(layout.backbone, card, time.perf_counter() - t0)
 

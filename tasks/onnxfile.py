@@ -22,8 +22,12 @@ TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64", "uint8": "TYPE_UI
 
 
 def export_images_model(model, input_hw: tuple[int, int], path: Path, outputs: tuple[str, ...] | list[str],
-                        opset: int = 17) -> None:
-    """uint8 images [N, H, W, 3] -> named outputs, dynamic batch, one file written atomically."""
+                        opset: int = 17, keep_batchnorm: bool = False) -> None:
+    """uint8 images [N, H, W, 3] -> named outputs, dynamic batch, one file written atomically.
+
+    keep_batchnorm: BatchNormalization nodes stay in the file with their stored statistics (the exporter's eval
+    mode folds them into the convolutions; onnxruntime folds them the same way when it loads the file, measured
+    equally fast): the backbone's features.onnx, whose statistics the domain gap reads (tasks/gap.py)."""
     import warnings
 
     import torch
@@ -37,7 +41,8 @@ def export_images_model(model, input_hw: tuple[int, int], path: Path, outputs: t
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracing notes
         torch.onnx.export(static, (dummy,), str(tmp), input_names=[contract.INPUT], output_names=list(outputs),
                           dynamic_axes={n: {0: "batch"} for n in (contract.INPUT, *outputs)},
-                          opset_version=max(opset, 11), dynamo=False)
+                          opset_version=max(opset, 11), dynamo=False,
+                          training=torch.onnx.TrainingMode.PRESERVE if keep_batchnorm else torch.onnx.TrainingMode.EVAL)
 
 
 def version_of(package: str) -> str:

@@ -47,6 +47,24 @@ class MahalanobisScore(nn.Module):
         return d2.min(dim=1).values.clamp_min(0.0).sqrt()
 
 
+def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """(shrunk covariance, shrinkage) of centred samples x [N, D]: Ledoit & Wolf (2004), the estimate
+    sklearn.covariance.ledoit_wolf(x, assume_centered=True) makes (tests compare the two), in numpy: importing
+    scikit-learn took 1.1 s of the train stage's 1.8 s on hymenoptera."""
+    n, d = x.shape
+    cov = x.T @ x / n
+    x2 = x**2
+    trace = x2.sum(0) / n  # the diagonal of cov
+    mu = trace.sum() / d
+    delta_ = (cov**2).sum()  # sum((X^T X)^2) / n^2
+    beta = ((x2.T @ x2).sum() / n - delta_) / (d * n)
+    delta = (delta_ - 2.0 * mu * trace.sum() + d * mu**2) / d
+    shrinkage = 0.0 if beta == 0 or delta == 0 else min(beta, delta) / delta
+    shrunk = (1.0 - shrinkage) * cov
+    shrunk.flat[:: d + 1] += shrinkage * mu
+    return shrunk, float(shrinkage)
+
+
 def fit_gaussian(z: np.ndarray, y: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray, float]:
     """(class means [K, D], whiten [D, D], Ledoit-Wolf shrinkage) of standardised features z with labels y.
 
@@ -54,13 +72,11 @@ def fit_gaussian(z: np.ndarray, y: np.ndarray, num_classes: int) -> tuple[np.nda
     mean of all features, so it can never be the unique nearest). Shrinkage keeps the covariance
     invertible when N <= D.
     """
-    from sklearn.covariance import ledoit_wolf
-
     z = np.asarray(z, dtype=np.float64)
     overall = z.mean(0)
     means = np.stack([z[y == k].mean(0) if np.any(y == k) else overall for k in range(num_classes)])
     centered = z - means[y]
-    cov, shrinkage = ledoit_wolf(centered, assume_centered=True)
+    cov, shrinkage = ledoit_wolf(centered)
     evals, evecs = np.linalg.eigh(cov)
     evals = np.maximum(evals, evals.max() * 1e-10)
     whiten = evecs / np.sqrt(evals)  # W W^T = V diag(1/e) V^T = precision

@@ -67,23 +67,34 @@ def plot_bars(values: dict[str, float | None], path: Path, ylabel: str, mean: fl
 
 def plot_thumbnails(cells: list[tuple[str, Path]], path: Path, columns: int = 5, size: int = 128,
                     empty: str = "nothing to show") -> None:
-    """(title, image file) cells as a thumbnail grid, titles in red (the gallery of mistakes)."""
+    """(title, image file) cells as a thumbnail grid, titles in red above each image (the gallery of mistakes).
+
+    Drawn with Pillow, not matplotlib: a grid of images needs no axes, and it took 0.37 s of the 1.4 s evaluate
+    stage on hymenoptera in matplotlib (0.75 s with its import), ~0.05 s here."""
+    from PIL import Image, ImageDraw, ImageFont
+
     from tasks.preprocess import decode_rgb
 
     shown = cells[: columns * 4]
+    font = ImageFont.load_default(size=12)
+    line_h, pad = 15, 8
+    title_h = line_h * max([t.count("\n") + 1 for t, _ in shown] or [1])
+    cell_w, cell_h = size + 2 * pad, size + title_h + 2 * pad
+    cols = max(1, min(columns, len(shown)))
     rows = max(1, -(-len(shown) // columns))
-    fig, axes = new_figure((2.2 * columns, 2.5 * rows), rows, columns)
-    axes = np.atleast_1d(axes).ravel()
-    for ax in axes:
-        ax.set_axis_off()
-    for ax, (title, image) in zip(axes, shown):
+    sheet = Image.new("RGB", (cell_w * cols if shown else 320, cell_h * rows if shown else 60), "white")
+    draw = ImageDraw.Draw(sheet)
+    for n, (title, image) in enumerate(shown):
+        x0, y0 = (n % columns) * cell_w + pad, (n // columns) * cell_h + pad
+        draw.multiline_text((x0 + size // 2, y0), title, fill=(178, 34, 34), font=font, anchor="ma", align="center",
+                            spacing=3)
         try:
             img = decode_rgb(image, size)
             img.thumbnail((size, size))
-            ax.imshow(np.asarray(img))
+            sheet.paste(img, (x0 + (size - img.width) // 2, y0 + title_h + (size - img.height) // 2))
         except Exception:  # noqa: BLE001 - a file that vanished since: leave the cell empty, keep the title
             pass
-        ax.set_title(title, fontsize=8, color="firebrick")
     if not shown:
-        axes[0].text(0.5, 0.5, empty, ha="center", va="center")
-    save_png(fig, path)
+        draw.text((160, 30), empty, fill="black", font=font, anchor="mm")
+    with atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")

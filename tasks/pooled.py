@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tasks.config import UserError
+from tasks.gap import OnnxTap, save_gap, subsample_indices, summarize, write_gap
 from tasks.layout import Dataset, Layout, Progress
 from tasks.network import PixelNetwork, freeze, load_backbone
 from tasks.preprocess import PreprocessingCard, decoded_batches
@@ -129,6 +130,12 @@ def compute(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, k
     run_batch = onnx_runner(layout.features_onnx) if engine == "onnxruntime" else torch_runner(layout, params.device)
     # One stream over all splits (in split order), so decoding never stalls at a split boundary.
     items = [it for split in counts for it in dataset.split(split)]
+    # The domain gap's subsample (train rows) runs through the tapped features.onnx in this same pass.
+    tap = OnnxTap.open(layout.features_onnx, OUTPUTS[0]) if layout.features_onnx.exists() else None
+    in_sample = np.zeros(len(items), bool)
+    train_at = list(counts).index("train") if "train" in counts else None
+    if tap is not None and train_at is not None:
+        in_sample[np.array(subsample_indices(dataset), int) + sum(list(counts.values())[:train_at])] = True
     info = {"engine": engine, "counts": counts, "feature_dim": card.feature_dim,
             "manifest_sha256": dataset.manifest_sha256, "weights_sha256": card.weights_sha256}
     total, done = len(items), 0
@@ -139,7 +146,7 @@ def compute(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, k
         with tqdm(total=total, desc=f"features ({engine})", unit="img", disable=None) as bar:
             for batch in decoded_batches([dataset.resolve(it) for it in items], card, params.features.batch_size,
                                          params.features.decode_workers):
-                out = run_batch(batch)
+                out = tapped_batch(run_batch, tap, batch, in_sample[done : done + len(batch)], engine)
                 for (split, arr), lo, hi in zip(arrays.items(), bounds[:-1], bounds[1:]):  # rows of each split
                     a, b = max(done, lo), min(done + len(batch), hi)
                     if a < b:
@@ -151,12 +158,28 @@ def compute(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, k
         rate = total / max(time.perf_counter() - t_net, 1e-9)
         info["images_per_s"] = round(rate, 1)  # key.json is written when the block ends
         write_labels(create)
+    if tap is not None and tap.images:  # after the swap, which replaces the folder
+        save_gap(layout, key, summarize(tap.layers(), tap.images))
     return rate
 
 
-def after(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, key: str) -> None:
-    """Computed or reused: the domain gap of these features (one torch pass over a subsample, kept while the key
-    holds; after the cache's swap, which replaces the folder)."""
-    from tasks.gap import write_gap
+def tapped_batch(run_batch: Callable, tap, batch: np.ndarray, sample: np.ndarray, engine: str) -> np.ndarray:
+    """The batch's features; its rows in the gap's subsample also through the tap (in onnxruntime their features
+    come from the tap: the same network, its BatchNorm not fused)."""
+    if tap is None or not sample.any():
+        return run_batch(batch)
+    if engine != "onnxruntime":
+        tap(batch[sample])
+        return run_batch(batch)
+    tapped = tap(batch[sample])
+    out = np.empty((len(batch), *tapped.shape[1:]), tapped.dtype)
+    out[sample] = tapped
+    if not sample.all():
+        out[~sample] = run_batch(batch[~sample])
+    return out
 
+
+def after(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, key: str) -> None:
+    """The domain gap is measured in compute's pass; for reused features whose gap.json is missing or of another
+    key, on its own here (tasks/gap.py measure). Kept while the key holds."""
     write_gap(layout, dataset, card, key, params.features.batch_size, params.features.decode_workers)

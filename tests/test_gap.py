@@ -49,3 +49,22 @@ def test_the_features_stage_measures_it_once_and_evaluate_reports_it(imagefolder
     stamp = workdir.layout.domain_gap.stat().st_mtime_ns
     assert workdir.features_(params).cached
     assert workdir.layout.domain_gap.stat().st_mtime_ns == stamp  # kept while the feature key holds
+
+
+def test_the_gap_measured_in_the_onnx_pass_equals_torch_hooks_on_the_same_images(imagefolder, workdir):
+    # features.onnx keeps its BatchNormalization nodes; the tapped copy gives the same per-layer KL as torch hooks
+    from tasks.gap import OnnxTap, subsample
+    from tasks.pooled import load_feature_extractor
+    from tasks.preprocess import decoded_batches
+
+    params = tiny_params(imagefolder)
+    workdir.run_all(params)
+    layout = workdir.layout
+    in_pass = {l["layer"]: l["kl"] for l in read_json(layout.domain_gap)["per_layer"]}
+    ds, card = layout.dataset(), layout.card()
+    ext = load_feature_extractor(layout)
+    paths = [ds.resolve(it) for it in subsample(ds)]
+    hooks = bn_shift(ext.network, (ext.normalize(torch.from_numpy(b)) for b in decoded_batches(paths, card, 8, 1)))
+    assert OnnxTap.open(layout.features_onnx, "features") is not None and len(in_pass) == len(hooks) > 20
+    for l in hooks:
+        assert abs(in_pass[l["layer"]] - l["kl"]) <= 1e-3 + 1e-2 * abs(l["kl"]), (l, in_pass[l["layer"]])

@@ -86,3 +86,16 @@ def test_exported_model_outputs_ood_score_equal_to_pytorch_with_its_threshold(ex
     assert m["ood_threshold"] == round(threshold, 4) and 0.0 <= m["ood_flagged"] <= 1.0
     config = (r.triton_dir / "config.pbtxt").read_text()
     assert 'name: "ood_score"' in config and "reshape: { shape: [ ] }" in config
+
+
+def test_ledoit_wolf_is_scikit_learns():
+    from sklearn.covariance import ledoit_wolf as sklearn_ledoit_wolf
+
+    from tasks.ood import ledoit_wolf
+
+    rng = np.random.default_rng(0)
+    for n, d in ((50, 200), (300, 40), (5, 3)):
+        x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d))
+        cov, shrinkage = ledoit_wolf(x)
+        want_cov, want_shrinkage = sklearn_ledoit_wolf(x, assume_centered=True)
+        assert np.allclose(cov, want_cov, rtol=1e-10, atol=1e-12) and abs(shrinkage - want_shrinkage) < 1e-12
