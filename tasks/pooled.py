@@ -130,27 +130,30 @@ def compute(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, k
     run_batch = onnx_runner(layout.features_onnx) if engine == "onnxruntime" else torch_runner(layout, params.device)
     # One stream over all splits (in split order), so decoding never stalls at a split boundary.
     items = [it for split in counts for it in dataset.split(split)]
-    # The domain gap's subsample (train rows) runs through the tapped features.onnx in this same pass.
+    split_of = np.repeat(np.arange(len(counts)), list(counts.values()))
+    row_of = np.concatenate([np.arange(n) for n in counts.values()]) if items else np.zeros(0, int)
+    # The domain gap's subsample (train rows) goes first, through the tapped features.onnx: the rest of the stream
+    # then reaches the main session in whole batches (odd batch sizes there cost more than the tap itself)
     tap = OnnxTap.open(layout.features_onnx, OUTPUTS[0]) if layout.features_onnx.exists() else None
-    in_sample = np.zeros(len(items), bool)
-    train_at = list(counts).index("train") if "train" in counts else None
-    if tap is not None and train_at is not None:
-        in_sample[np.array(subsample_indices(dataset), int) + sum(list(counts.values())[:train_at])] = True
+    sample = np.zeros(0, int)
+    if tap is not None and "train" in counts:
+        sample = np.array(subsample_indices(dataset), int) + sum(list(counts.values())[: list(counts).index("train")])
+    order = np.concatenate([sample, np.setdiff1d(np.arange(len(items)), sample)]).astype(int)
     info = {"engine": engine, "counts": counts, "feature_dim": card.feature_dim,
             "manifest_sha256": dataset.manifest_sha256, "weights_sha256": card.weights_sha256}
     total, done = len(items), 0
     t_net = time.perf_counter()
     with layout.feature_cache().writer(key, info) as create:
-        arrays = {s: create(f"x_{s}", (n, card.feature_dim), np.float32) for s, n in counts.items()}
-        bounds = np.cumsum([0, *counts.values()])
+        arrays = [create(f"x_{s}", (n, card.feature_dim), np.float32) for s, n in counts.items()]
         with tqdm(total=total, desc=f"features ({engine})", unit="img", disable=None) as bar:
-            for batch in decoded_batches([dataset.resolve(it) for it in items], card, params.features.batch_size,
+            for batch in decoded_batches([dataset.resolve(items[i]) for i in order], card, params.features.batch_size,
                                          params.features.decode_workers):
-                out = tapped_batch(run_batch, tap, batch, in_sample[done : done + len(batch)], engine)
-                for (split, arr), lo, hi in zip(arrays.items(), bounds[:-1], bounds[1:]):  # rows of each split
-                    a, b = max(done, lo), min(done + len(batch), hi)
-                    if a < b:
-                        arr[a - lo : b - lo] = out[a - done : b - done]
+                rows = order[done : done + len(batch)]
+                out = tapped_batch(run_batch, tap, batch, np.arange(done, done + len(batch)) < len(sample), engine)
+                for k, arr in enumerate(arrays):  # rows of each split
+                    mine = split_of[rows] == k
+                    if mine.any():
+                        arr[row_of[rows[mine]]] = out[mine]
                 done += len(batch)
                 bar.update(len(batch))
                 if progress:
