@@ -9,8 +9,8 @@ is the signal that test-time BatchNorm adaptation methods correct for; here it i
 Measured inside the features pass, on a stratified subsample of train (`SAMPLE` images): the backbone
 stage exports features.onnx with its BatchNormalization nodes kept (onnxruntime fuses them into the
 convolutions when it loads the file, so the features run as fast), and `OnnxTap` adds, per BatchNorm
-input, the per-image mean and mean square over H x W as extra outputs. The subsample's rows of the
-batches the pass decodes anyway run through that tapped model (its features output is theirs too): no
+input, the per-image mean and mean square over H x W as extra outputs. The subsample goes first in the
+stream the pass decodes anyway and runs through that tapped model (its features output is theirs too): no
 second decode, no second network pass, no torch. The stored statistics are the BatchNorm nodes' own
 initializers. Without a features.onnx that has them: the same statistics from torch hooks (`bn_shift`).
 Calibrated on the data at hand (EfficientNet-Lite0): hymenoptera photos (ImageNet-like) and the digits
@@ -112,7 +112,7 @@ class OnnxTap:
     outputs; `tap(pixels)` returns the features of those images and adds their statistics to the running sums."""
 
     def __init__(self, session, feature_output: str, names: list[str], source: list[tuple]):
-        self.session, self.feature_output, self.names, self.source = session, feature_output, names, source
+        self.session, self.names, self.source = session, names, source
         self.outputs = [feature_output] + [f"gap_{k}_{i}" for i in range(len(names)) for k in ("mean", "sq")]
         self.sums: list[np.ndarray] | None = None
         self.images = 0
