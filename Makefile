@@ -50,6 +50,8 @@ bench: venv
 	python bench/backbone_select.py ../shared/datasets/hymenoptera
 	python bench/backbone_select.py digits --far ../shared/datasets/hymenoptera
 	python bench/feature_options.py digits ../shared/datasets/hymenoptera
+	python bench/audit.py ../shared/datasets/hymenoptera
+	python bench/audit.py digits
 	python bench/multilabel.py ../shared/datasets/multilabel
 	python bench/detection.py ../shared/datasets/bccd
 	python bench/segmentation.py ../shared/datasets/camvid

@@ -1,7 +1,7 @@
 """Multi-label classification on a real tags CSV, whole pipeline with default params: prepare, backbone, features,
 train, evaluate, export (with its parity gate). The last line is one JSON object.
 
-    python bench/multilabel.py ../shared/datasets/multilabel [--set multilabel.pos_weight='"balanced"']
+    python bench/multilabel.py ../shared/datasets/multilabel [--set multilabel.class_weights='"balanced"']
 
 Bar (issue 17): macro-F1 with the per-tag thresholds (chosen on the selection split) >= the plain baseline's,
 measured in the same run on the same features and the same head: one global 0.5 threshold (`baseline_macro_f1`).
@@ -25,7 +25,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 def main() -> None:
     from bench.pipeline_run import parse_args, run_pipeline
 
-    args = parse_args(__doc__, ROOT.parent / "shared" / "datasets" / "multilabel", 'multilabel.pos_weight="balanced"')
+    args = parse_args(__doc__, ROOT.parent / "shared" / "datasets" / "multilabel", 'multilabel.class_weights="balanced"')
     if not (args.data / "labels.csv").is_file() and args.data.suffix != ".csv":
         sys.exit(f"{args.data} holds no labels.csv (the shared CamVid tags set lives in ../shared/datasets/multilabel; "
                  f"it is not in a fresh clone)")

@@ -30,7 +30,8 @@ from tasks.segmentation.params import SegmentationParams
 
 PARAMS_FILE = Path("params.yaml")
 RENAMED = {"train": "classification", "dense": "detection.features / segmentation.features",
-           "features.layers": "classification.features.layers", "features.flip": "classification.features.flip"}
+           "features.layers": "classification.features.layers", "features.flip": "classification.features.flip",
+           "multilabel.pos_weight": "multilabel.class_weights"}
 
 
 class UserError(Exception):
@@ -127,6 +128,27 @@ class EvaluateParams(Section):
     """classification, multilabel."""
 
 
+class AuditParams(Section):
+    """The audit stage (classification, multilabel): what the cached features say about the data."""
+
+    enabled: bool = True
+    """false: the stage writes a one-line reports/audit.json saying it was skipped."""
+    folds: int = Field(5, ge=2)
+    """Out-of-sample probabilities for the label-issue search: a stratified k-fold of the task's head."""
+    duplicate_similarity: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.7
+    """Cosine similarity of two images' standardised features (centred: unrelated images score near 0) at or above
+    which they are a near-duplicate pair. Measured on hymenoptera (Lite0): re-encoded, resized, 4%-cropped copies
+    0.78-0.92, the closest two distinct photos 0.62."""
+    curve_fractions: Annotated[list[Annotated[Float, Field(gt=0.0, le=1.0)]], BeforeValidator(listify),
+                               Field(min_length=3)] = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
+    """The learning curve: the head refit on these nested shares of train, scored on the selection split."""
+    curve_seeds: int = Field(3, ge=1)
+    """Subsets drawn per share (the full share is one fit)."""
+    max_listed: int = Field(50, ge=1)
+    """Label issues, pairs and outliers listed in reports/audit.json (all are counted)."""
+    seed: int = 0
+
+
 class ExportParams(Section):
     opset: int = Field(17, ge=13)
     quantize: Literal["none", "int8"] = "none"
@@ -160,6 +182,8 @@ class Params(Section):
     segmentation: SegmentationParams = SegmentationParams()
     """task: segmentation (read only then)."""
     evaluate: EvaluateParams = EvaluateParams()
+    audit: AuditParams = AuditParams()
+    """classification, multilabel: label issues, duplicates and leaks, outliers, class balance, learning curve."""
     export: ExportParams = ExportParams()
 
     @property

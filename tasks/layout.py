@@ -248,6 +248,16 @@ class Layout:
         return self.reports / "select.png"
 
     @property
+    def audit_report(self) -> Path:
+        """reports/audit.json: label issues, duplicates and leaks, outliers, balance, learning curve (tasks/audit.py)."""
+        return self.reports / "audit.json"
+
+    @property
+    def audit_dir(self) -> Path:
+        """reports/audit/: the audit's full tables (label_scores.csv, pairs.csv) and its learning-curve picture."""
+        return self.reports / "audit"
+
+    @property
     def domain_gap(self) -> Path:
         """features/gap.json: how far the train images sit from the backbone's source data (tasks/gap.py)."""
         return self.features / "gap.json"

@@ -15,6 +15,8 @@ holding what one stage (or the server) needs of the task under the same names:
   export.py    export(params, layout, out_dir) -> parity report  model.onnx, its parity gate, Triton (export stage)
   summary.py   train_line, evaluate_line, export_line, parity_failure, result_lines   what it says (no torch)
   serve.py     Serving                               what the server needs of it (no torch: the image copies it)
+  audit.py     fit, probabilities, score, label_issues, ...   (only tasks with TaskSpec.audit: pooled features)
+                                                     the head refit on any subset for the audit stage
 
 Stages look the task up here (`part(task, "train")`) and never compare `task` themselves; `tasks.contract.TASKS`
 (torch-free, for the server) lists the same names. Like timm's model registry, a name maps to code that is
@@ -35,6 +37,7 @@ class TaskSpec:
     name: str
     datasets: tuple[str, ...]  # the data.dataset values it reads
     probe: bool = False  # the select stage can rank backbones for it (backbone.name: auto)
+    audit: bool = False  # the audit stage can read it (pooled features; tasks/<task>/audit.py)
     ignores: tuple[str, ...] = ()  # shared params it does not read: setting one away from its default is an error
 
 
@@ -42,8 +45,8 @@ DENSE_IGNORES = ("evaluate.ece_bins", "evaluate.top_mistakes", "evaluate.bootstr
                  "export.quantize", "export.max_int8_drop", "export.calibration_images")
 
 TASKS: dict[str, TaskSpec] = {s.name: s for s in (
-    TaskSpec("classification", ("digits", "imagefolder", "cifar10", "cifar100"), probe=True),
-    TaskSpec("multilabel", ("csv",), ignores=("evaluate.ece_bins", "export.quantize", "export.max_int8_drop",
+    TaskSpec("classification", ("digits", "imagefolder", "cifar10", "cifar100"), probe=True, audit=True),
+    TaskSpec("multilabel", ("csv",), audit=True, ignores=("evaluate.ece_bins", "export.quantize", "export.max_int8_drop",
                                                "export.calibration_images")),
     TaskSpec("detection", ("voc", "coco"), ignores=DENSE_IGNORES),
     TaskSpec("segmentation", ("masks", "voc_seg"), ignores=DENSE_IGNORES),
@@ -61,6 +64,11 @@ PARTS: dict[str, tuple[str, ...]] = {
     "summary": ("train_line", "evaluate_line", "export_line", "parity_failure", "result_lines"),
     "serve": ("Serving",),
 }
+# Parts only some tasks have, and the TaskSpec flag that says which.
+OPTIONAL_PARTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "audit": ("audit", ("METRIC", "PER_LABEL", "fit", "probabilities", "strata", "score", "per_label", "counts",
+                        "log_loss", "label_issues", "given", "suggested")),
+}
 
 
 def spec(task: str) -> TaskSpec:
@@ -69,6 +77,7 @@ def spec(task: str) -> TaskSpec:
 
 def part(task: str, name: str) -> ModuleType:
     """tasks/<task>/<name>.py, imported on first use (a stage pays only for the chosen task's code)."""
-    if task not in TASKS or name not in PARTS:
+    optional = OPTIONAL_PARTS.get(name)
+    if task not in TASKS or (name not in PARTS and not (optional and getattr(TASKS[task], optional[0]))):
         raise KeyError(f"no part {name!r} of task {task!r}")
     return importlib.import_module(f"tasks.{task}.{name}")

@@ -65,6 +65,8 @@ class DenseFeatures(Section):
 
 # ---------------------------------------------------------------- heads on pooled features
 
+ClassWeights = Literal["none", "balanced"] | dict[str, Annotated[Float, Field(gt=0.0)]]
+
 
 class PooledHead(Section):
     """A head on cached pooled features: the knobs single-label and multi-label classification share."""
@@ -92,6 +94,10 @@ class PooledHead(Section):
     holdout_fraction: Annotated[Float, Field(gt=0.0, lt=1.0)] = 0.15
     """Without a test split, val is the evaluation split: L2 (or the epoch) is then chosen on this fraction of
     train, and the head refit on all of train (val stays untouched)."""
+    class_weights: ClassWeights = "none"
+    """none | balanced | {label: weight}. Classification: each image's loss weighted by its class's weight
+    (balanced: n / (classes * n_class) in train); multi-label: each tag's positives weighted (balanced:
+    negatives / positives in train). Labels left out of a mapping weigh 1."""
 
     def _gradient_only(self) -> bool:
         """Settings lbfgs cannot fit (a task adds its own, e.g. the backbone in the loop)."""

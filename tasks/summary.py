@@ -44,6 +44,14 @@ def main(layout: Layout = Layout()) -> int:
     if "ood_threshold" in m:
         lines.append(f"ood       ood_score > {m['ood_threshold']:g} = unlike the training data; "
                      f"{m['ood_flagged']:.1%} of {m['eval_split']} flagged (about 5% by design)")
+    audit = layout.read_json(layout.audit_report, None)
+    if isinstance(audit, dict) and audit.get("enabled"):
+        d, lc = audit["duplicates"]["counts"], audit["learning_curve"]
+        nxt = lc["predicted"][0]
+        lines.append(f"audit     {audit['label_issues']['count']} label issue(s), {d['leak']} leak / "
+                     f"{d['near_duplicate']} near-duplicate / {d['conflict']} conflict pair(s), "
+                     f"{audit['outliers']['count']} outlier(s); 2x the images: {lc['metric']} {nxt['score']:.3f} "
+                     f"[{nxt['low']:.3f}, {nxt['high']:.3f}] (reports/audit.json)")
     lines.append(f"compare   dvc metrics show | dvc plots show | dvc exp run -S {task}.seed=1")
     print("\n".join(lines))
     return 0

@@ -100,7 +100,7 @@ def test_a_param_the_task_does_not_read_is_an_error(raw, words):
 
 
 def test_head_is_the_chosen_tasks_section():
-    p = parse_params({"task": "multilabel", "data": {"dataset": "csv"}, "multilabel": {"pos_weight": "balanced"}})
-    assert p.head is p.multilabel and p.head.pos_weight == "balanced"
+    p = parse_params({"task": "multilabel", "data": {"dataset": "csv"}, "multilabel": {"class_weights": "balanced"}})
+    assert p.head is p.multilabel and p.head.class_weights == "balanced"
     p = parse_params({})
     assert p.head is p.classification

@@ -27,7 +27,7 @@ def test_repro_produces_metrics_and_a_clean_status(repo):
     flat = json.dumps(shown)
     assert '"accuracy"' in flat and "reports/metrics.json" in flat
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "select", "backbone", "features", "train", "evaluate", "export"}
+    assert set(lock["stages"]) == {"prepare", "select", "backbone", "features", "audit", "train", "evaluate", "export"}
     assert json.loads((repo / "reports" / "parity.json").read_text())["passed"]
 
 
@@ -73,9 +73,9 @@ def test_push_versions_data_and_checkpoints_in_the_local_remote(repo):
 
 @pytest.mark.parametrize("module, expected", [
     ("tasks/train.py", {"train"}),
-    ("tasks/plots.py", {"evaluate"}),
-    ("tasks/network.py", {"select", "backbone", "features", "train", "evaluate", "export"}),
-    ("tasks/classification/evaluate.py", {"prepare", "backbone", "features", "train", "evaluate", "export"}),
+    ("tasks/plots.py", {"audit", "evaluate"}),
+    ("tasks/network.py", {"select", "backbone", "features", "audit", "train", "evaluate", "export"}),
+    ("tasks/classification/evaluate.py", {"prepare", "backbone", "features", "audit", "train", "evaluate", "export"}),
     ("tasks/detection/train.py", set()),  # another task's package: nothing of this classification run
 ])
 def test_editing_a_module_makes_exactly_its_dependants_stale(repo, module, expected):

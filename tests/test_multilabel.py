@@ -290,3 +290,17 @@ def test_features_of_another_task_are_refused(pipeline, tmp_path, backbone_dir):
                {k: v for k, v in read_json(cache.meta).items() if k not in ("key", "arrays")})
     with pytest.raises(ArtifactError, match="does not hold this dataset's tags: re-run the features stage"):
         other.train(params)
+
+
+def test_the_audit_reads_tags(pipeline):
+    """The audit stage on the multi-label features: cleanlab's multi-label ranking, mAP learning curve."""
+    from tasks import audit
+
+    w, params, _, _, _ = pipeline
+    rep = audit.run(params, w.layout).report
+    assert rep["enabled"] and rep["task"] == "multilabel" and rep["learning_curve"]["metric"] == "mAP"
+    scores = (w.layout.audit_dir / "label_scores.csv").read_text().splitlines()
+    assert len(scores) == 1 + sum(rep["images"].values())
+    assert set(rep["balance"]["counts"]) == set(TAGS) and "AP" in rep["balance"]
+    for issue in rep["label_issues"]["issues"]:
+        assert isinstance(issue["given"], list) and set(issue["given"]) <= set(TAGS)

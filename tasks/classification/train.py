@@ -20,7 +20,7 @@ from tqdm import tqdm
 from tasks.checkpoint import Trained, save_model
 from tasks.config import Params, as_dict
 from tasks.head import (
-    Classifier, build_head, fit_lbfgs, head_meta, make_optimizer, make_schedule, seed_everything, softmax_scores,
+    Classifier, build_head, class_weights, fit_lbfgs, head_meta, make_optimizer, make_schedule, seed_everything, softmax_scores,
 )
 from tasks.layout import ArtifactError, Dataset, Item, Layout, Progress
 from tasks.network import autocast, freeze, pick_device, unfreeze_last_blocks
@@ -37,7 +37,8 @@ COLUMNS = ["step", "phase", "l2", "train_loss", "train_acc", "select_loss", "sel
 
 def fit_head(x: torch.Tensor, y: torch.Tensor, num_classes: int, p, x_sel: torch.Tensor | None,
              y_sel: torch.Tensor | None, stop_at: int | None = None, desc: str = "train head",
-             progress: Progress | None = None) -> tuple[nn.Module, list[dict], int, float]:
+             progress: Progress | None = None, weight: torch.Tensor | None = None,
+             ) -> tuple[nn.Module, list[dict], int, float]:
     """Mini-batch training of the head; returns (head at the best selection epoch, history, best epoch, best acc)."""
     gen = seed_everything(p.seed)
     head = build_head(p.head, x.shape[1], num_classes, p.hidden_dim, p.dropout, p.feature_power)
@@ -45,7 +46,7 @@ def fit_head(x: torch.Tensor, y: torch.Tensor, num_classes: int, p, x_sel: torch
     opt = make_optimizer([{"params": head.parameters()}], p)
     steps = math.ceil(len(x) / p.batch_size)
     sched = make_schedule(opt, p, steps)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=p.label_smoothing)
     history: list[dict] = []
     stopper = EarlyStopping(p.patience)
     epochs = stop_at or p.epochs
@@ -86,11 +87,13 @@ def fit_head(x: torch.Tensor, y: torch.Tensor, num_classes: int, p, x_sel: torch
 
 
 def select_l2(x: torch.Tensor, y: torch.Tensor, num_classes: int, p, x_sel: torch.Tensor, y_sel: torch.Tensor,
-              progress: Progress | None = None) -> tuple[nn.Module, list[dict], float, float]:
+              progress: Progress | None = None, weight: torch.Tensor | None = None,
+              ) -> tuple[nn.Module, list[dict], float, float]:
     """Fit one head per candidate L2 strength; keep the best on the selection split (accuracy, then loss)."""
     history, best = [], None
     for step, l2 in enumerate(tqdm(p.l2, desc="train head (lbfgs)", unit="fit", disable=None), start=1):
-        head = fit_lbfgs(x, y, num_classes, l2, p.feature_power, label_smoothing=p.label_smoothing)
+        head = fit_lbfgs(x, y, num_classes, l2, p.feature_power, label_smoothing=p.label_smoothing,
+                         class_weight=weight)
         train_loss, train_acc = softmax_scores(head, x, y)
         sel_loss, sel_acc = softmax_scores(head, x_sel, y_sel)
         history.append({"step": step, "l2": l2, "train_loss": train_loss, "train_acc": train_acc,
@@ -103,21 +106,26 @@ def select_l2(x: torch.Tensor, y: torch.Tensor, num_classes: int, p, x_sel: torc
 
 
 def train_on_features(p, n_classes: int, feats: dict[str, np.ndarray], sel: Selection,
-                      progress: Progress | None = None) -> tuple[nn.Module, list[dict], dict]:
-    """Head on cached features. Returns (head, history, summary with the chosen epoch or L2)."""
+                      progress: Progress | None = None, weight: torch.Tensor | None = None,
+                      ) -> tuple[nn.Module, list[dict], dict]:
+    """Head on cached features (`weight`: per-class loss weights, or None). Returns (head, history, summary with
+    the chosen epoch or L2)."""
     x, y = torch.from_numpy(feats["x_train"]), torch.from_numpy(feats["y_train"])
     x_fit, y_fit, x_sel, y_sel = map(torch.from_numpy, sel.arrays(feats))
     refit = not sel.on_val
     if p.solver == "lbfgs":
-        head, history, l2, acc = select_l2(x_fit, y_fit, n_classes, p, x_sel, y_sel, progress)
+        head, history, l2, acc = select_l2(x_fit, y_fit, n_classes, p, x_sel, y_sel, progress, weight)
         if refit:
-            head = fit_lbfgs(x, y, n_classes, l2, p.feature_power, label_smoothing=p.label_smoothing)
+            head = fit_lbfgs(x, y, n_classes, l2, p.feature_power, label_smoothing=p.label_smoothing,
+                             class_weight=weight)
         return head, history, {"solver": "lbfgs", "l2": l2, "best_epoch": None, "selection": sel.source,
                                "selection_accuracy": acc}
     head, history, best, acc = fit_head(x_fit, y_fit, n_classes, p, x_sel, y_sel,
-                                        desc="select epoch" if refit else "train head", progress=progress)
+                                        desc="select epoch" if refit else "train head", progress=progress,
+                                        weight=weight)
     if refit:
-        head, refit_hist, _, _ = fit_head(x, y, n_classes, p, None, None, stop_at=best, desc="refit head")
+        head, refit_hist, _, _ = fit_head(x, y, n_classes, p, None, None, stop_at=best, desc="refit head",
+                                          weight=weight)
         history += [{**row, "phase": "refit"} for row in refit_hist]
     return head, history, {"solver": p.solver, "l2": None, "best_epoch": best, "selection": sel.source,
                            "selection_accuracy": acc}
@@ -193,7 +201,8 @@ def train_through_backbone(params: Params, layout: Layout, dataset: Dataset, sel
     sel_loader = torch.utils.data.DataLoader(ImageBatches(dataset, sel_items, card, train=False), batch_size=p.batch_size)
     opt = make_optimizer(groups, p)
     sched = make_schedule(opt, p, len(loader))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=p.label_smoothing)
+    weight = class_weights(p.class_weights, dataset.classes, dataset.labels("train"))
+    loss_fn = nn.CrossEntropyLoss(weight=None if weight is None else weight.to(device), label_smoothing=p.label_smoothing)
     history, stopper = [], EarlyStopping(p.patience)
     bar = tqdm(range(1, p.epochs + 1), desc="train (backbone in the loop)", unit="ep", disable=None)
     for epoch in bar:
@@ -246,7 +255,9 @@ def train(params: Params, layout: Layout, progress: Progress | None = None) -> T
     feats = layout.feature_cache().load()
     if len(feats["x_train"]) != len(dataset.split("train")):
         raise ArtifactError(f"{layout.features} does not match {layout.prepared}: re-run the features stage")
-    head, history, summary = train_on_features(p, len(dataset.classes), feats, sel, progress)
+    weight = class_weights(p.class_weights, dataset.classes, feats["y_train"])
+    head, history, summary = train_on_features(p, len(dataset.classes), feats, sel, progress, weight)
+    summary["class_weights"] = None if weight is None else dict(zip(dataset.classes, map(float, weight.tolist())))
     x_fit, y_fit, x_sel, _ = sel.arrays(feats)
     ood, summary["ood"] = fit_ood(head[0], x_fit, y_fit, len(dataset.classes), x_sel, sel.source)
     summary["backbone_trained"] = False

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 
 from tasks.sections import PooledHead
@@ -13,7 +11,5 @@ class MultilabelParams(PooledHead):
     """task: multilabel. One sigmoid per tag (binary cross-entropy), by default solved with L-BFGS with the L2
     strength chosen on the selection split; then a decision threshold per tag, chosen there too."""
 
-    pos_weight: Literal["none", "balanced"] = "none"
-    """balanced: each tag's positives weighted by (negatives / positives) in train, so rare tags count."""
     min_positives: int = Field(3, ge=1)
     """A tag with fewer positives than this on the selection split keeps the threshold 0.5 (too few to choose)."""

@@ -3,8 +3,8 @@ threshold per tag.
 
 Default: L-BFGS on the whole convex loss (tasks.head.fit_lbfgs, loss "sigmoid"), one fit per L2 candidate, the
 best by the selection split's mAP kept (then the lower loss); adamw/adam/sgd (and an mlp head) train by epochs with
-early stopping on the same score. `multilabel.pos_weight: balanced` weighs each tag's positives by its
-negatives / positives in the fitted images, so a rare tag is not drowned by its negatives.
+early stopping on the same score. `multilabel.class_weights: balanced` weighs each tag's positives by its
+negatives / positives in the fitted images, so a rare tag is not drowned by its negatives (a mapping sets them).
 
 Each tag's threshold is the one with the best F1 on the selection split (0.5 for a tag with fewer than
 `multilabel.min_positives` positives there), chosen on the selected head's probabilities before any refit: with a
@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from tasks.checkpoint import Trained, save_model
 from tasks.config import Params, as_dict
-from tasks.head import build_head, fit_lbfgs, head_meta, make_optimizer, make_schedule, seed_everything
+from tasks.head import build_head, class_weights, fit_lbfgs, head_meta, make_optimizer, make_schedule, seed_everything
 from tasks.layout import ArtifactError, Layout, Progress
 from tasks.multilabel.metrics import average_precision, best_thresholds, nanmean, scores_at, sigmoid
 from tasks.ood import fit_ood
@@ -38,14 +38,6 @@ def rarest_tag(y: np.ndarray) -> np.ndarray:
     freq = y.sum(0).astype(np.float64)
     masked = np.where(y > 0, freq, np.inf)
     return np.where(y.any(1), masked.argmin(1), y.shape[1]).astype(np.int64)
-
-
-def class_weights(y: np.ndarray, kind: str) -> torch.Tensor | None:
-    """`pos_weight: balanced`: negatives / positives per tag (1 for a tag without positives)."""
-    if kind == "none":
-        return None
-    pos = y.sum(0).astype(np.float64)
-    return torch.from_numpy(np.where(pos > 0, (len(y) - pos) / np.maximum(pos, 1), 1.0)).float()
 
 
 def score(head: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, np.ndarray]:
@@ -134,7 +126,7 @@ def train(params: Params, layout: Layout, progress: Progress | None = None) -> T
     sel = select_split(dataset, rarest_tag(y_train), p.holdout_fraction, p.seed)
     x_fit, y_fit, x_sel, y_sel = (torch.from_numpy(np.asarray(a)) for a in sel.arrays(feats))
     y_fit, y_sel = y_fit.float(), y_sel.float()
-    pos_weight = class_weights(y_fit.numpy(), p.pos_weight)
+    pos_weight = class_weights(p.class_weights, dataset.classes, y_fit.numpy())
     refit = not sel.on_val
     x_all, y_all = torch.from_numpy(feats["x_train"]), torch.from_numpy(y_train).float()
     if p.solver == "lbfgs":
@@ -149,15 +141,16 @@ def train(params: Params, layout: Layout, progress: Progress | None = None) -> T
     if refit:
         if p.solver == "lbfgs":
             head = fit_lbfgs(x_all, y_all, y_all.shape[1], l2, p.feature_power, loss="sigmoid",
-                             pos_weight=class_weights(y_train, p.pos_weight))
+                             pos_weight=class_weights(p.class_weights, dataset.classes, y_train))
         else:
-            head, rows, _ = fit_epochs(x_all, y_all, p, class_weights(y_train, p.pos_weight), None, None, best_epoch,
+            head, rows, _ = fit_epochs(x_all, y_all, p, class_weights(p.class_weights, dataset.classes, y_train),
+                                       None, None, best_epoch,
                                        "refit head")
             history += [{**row, "phase": "refit"} for row in rows]
     tuned, at_half = scores_at(sel_probs, y_sel.numpy(), thresholds), scores_at(sel_probs, y_sel.numpy(), 0.5)
     summary = {"solver": p.solver, "l2": l2, "best_epoch": best_epoch, "selection": sel.source,
                "selection_map": sel_map, "selection_loss": sel_loss, "selection_macro_f1": tuned["macro_f1"],
-               "selection_macro_f1_at_05": at_half["macro_f1"], "pos_weight": p.pos_weight,
+               "selection_macro_f1_at_05": at_half["macro_f1"], "class_weights": p.class_weights,
                "thresholds_tuned": source.count("f1"), "num_tags": len(dataset.classes)}
     ood, summary["ood"] = fit_ood(head[0], x_fit.numpy(), np.zeros(len(x_fit), np.int64), 1, x_sel.numpy(), sel.source)
     meta = {"head": head_meta(p), "params": as_dict(p), **summary,
