@@ -186,3 +186,35 @@ def test_balanced_weights_reach_the_trained_head(imagefolder, workdir):
     workdir.train(params)
     summary = read_json(workdir.reports / "train.json")
     assert set(summary["class_weights"]) == set(CLASSES) and all(v > 0 for v in summary["class_weights"].values())
+
+
+def test_label_issues_start_no_process_pool(monkeypatch):
+    """cleanlab forks a multiprocessing pool by default; forked from a threaded host (a Prefect flow run) the child
+    deadlocked. The audit asks for one process: a pool started here fails the test."""
+    import multiprocessing
+    import multiprocessing.pool
+
+    import cleanlab.filter  # noqa: F401  (imported first: joblib subclasses multiprocessing's Pool on import)
+    import cleanlab.multilabel_classification.filter  # noqa: F401
+
+    from tasks.classification import audit as cls_audit
+    from tasks.multilabel import audit as ml_audit
+
+    def no_pool(*a, **k):
+        raise AssertionError("a process pool was started")
+
+    monkeypatch.setattr(multiprocessing, "Pool", no_pool)
+    monkeypatch.setattr(multiprocessing.pool, "Pool", no_pool)
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 50)
+    probs = rng.dirichlet(np.ones(4), size=len(y))
+    probs[np.arange(len(y)), y] += 2.0
+    probs /= probs.sum(1, keepdims=True)
+    probs[:5] = np.roll(probs[:5], 1, axis=1)  # five confidently wrong
+    issues, scores = cls_audit.label_issues(y, probs)
+    assert issues[:5].sum() >= 4 and issues[5:].sum() <= 10 and len(scores) == len(y)
+    tags = (rng.random((200, 3)) < 0.4).astype(np.float32)
+    p = np.clip(tags * 0.8 + 0.1 + rng.normal(0, 0.02, tags.shape), 0.01, 0.99)
+    p[:5] = 1 - p[:5]
+    ml_issues, ml_scores = ml_audit.label_issues(tags, p)
+    assert ml_issues[:5].sum() >= 4 and ml_issues[5:].sum() <= 10 and len(ml_scores) == len(tags)

@@ -43,7 +43,8 @@ def test_changing_a_train_param_leaves_data_backbone_and_features_up_to_date(rep
     params["classification"]["epochs"] = params["classification"]["epochs"] + 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        assert changed_stages(repo) == {"train"}  # status names the stage whose own deps changed
+        # status names the stages whose own deps changed: train, and the audit (it fits the task's head)
+        assert changed_stages(repo) == {"train", "audit"}
         out = sh(["dvc", "repro"], repo).stdout
         assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out, out
         for stage in ("prepare", "backbone", "features"):
@@ -107,6 +108,6 @@ def test_the_tasks_feature_params_make_backbone_and_features_stale(repo):
     params["classification"]["features"]["flip"] = True
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        assert changed_stages(repo) == {"backbone", "features", "train"}
+        assert changed_stages(repo) == {"backbone", "features", "audit", "train"}
     finally:
         (repo / "params.yaml").write_text(original)

@@ -52,7 +52,9 @@ def label_issues(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarr
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
-    return (find_label_issues(y, probs, filter_by="prune_by_noise_rate"),
+    # n_jobs=1: cleanlab's default forks a multiprocessing pool, which deadlocks in a threaded host (a Prefect flow
+    # run hung forever in the forked child); one process takes milliseconds at this size anyway
+    return (find_label_issues(y, probs, filter_by="prune_by_noise_rate", n_jobs=1),
             get_label_quality_scores(y, probs, method="self_confidence"))
 
 

@@ -52,7 +52,7 @@ def label_issues(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarr
     from cleanlab.multilabel_classification.rank import get_label_quality_scores
 
     labels = [list(np.flatnonzero(row)) for row in np.asarray(y)]
-    return find_label_issues(labels, probs), get_label_quality_scores(labels, probs)
+    return find_label_issues(labels, probs, n_jobs=1), get_label_quality_scores(labels, probs)
 
 
 def given(y_row, classes: list[str]) -> list[str]:
