@@ -90,11 +90,19 @@ class SelectParams(Section):
     """Backbone names (as backbone.name); one whose weights cannot be had is skipped with the reason."""
     max_images_per_class: int = Field(40, ge=2)
     """Train images per class the probe looks at (a stratified, deterministic subsample)."""
-    max_fraction: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.15
+    max_fraction: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.10
     """...and at most this share of all the dataset's images per candidate, so that the probe of three
-    candidates stays well under one features pass of the largest over the full data."""
+    candidates stays well under one features pass of the largest over the full data (0.10: ~0.3 of it on
+    hymenoptera, where successive halving drops nothing; 0.15 cost ~0.45)."""
     max_latency_ms: Annotated[Float | None, Field(gt=0.0)] = None
     """auto picks the most accurate candidate whose onnxruntime batch-1 latency here is within this; null = no budget."""
+    first_images_per_class: int = Field(10, ge=0)
+    """Successive halving: every candidate is first probed on this many of the probe's images per class (a subset:
+    its features are reused); the clearly worse (select.drop_margin_se) stop there, the rest go on to the whole
+    probe sample. 0, or not below the probe's images per class: one round, every candidate on the whole sample."""
+    drop_margin_se: Annotated[Float, Field(gt=0.0)] = 2.0
+    """After the first round a candidate is dropped when its probe accuracy is below the best's by more than this
+    many standard errors of the paired fold-score difference (same images and folds; floored at one image)."""
     folds: int = Field(5, ge=2)
     """Cross-validation folds of the probe (stratified)."""
     repeats: int = Field(2, ge=1)

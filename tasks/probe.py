@@ -5,6 +5,8 @@
                     over classes. Hyperparameter-free; higher is better.
   stratified_folds  deterministic stratified k-fold assignment
   probe_accuracy    repeated k-fold cross-validated accuracy of the default head (L-BFGS logistic regression)
+  paired_gap        the gap between two candidates' fold scores on the same folds, and its standard error
+                    (the select stage's successive halving drops a candidate on it)
   cost              parameters, GFLOPs at the card's input size, onnxruntime latency (batch 1) and
                     throughput (batch 32) on this machine
 """
@@ -118,11 +120,11 @@ def stratified_folds(y: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return fold
 
 
-def probe_accuracy(x: np.ndarray, y: np.ndarray, num_classes: int, l2s: list[float], feature_power: float = 0.5,
-                   folds: int = 5, seed: int = 0, repeats: int = 3) -> dict:
-    """Repeated k-fold cross-validated accuracy of the default head (L-BFGS logistic regression, the train
-    stage's solver) at the middle of `select.l2`: the mean over repeats x folds, the standard deviation of
-    the fold scores, and the standard error of the mean (std / sqrt(repeats x folds))."""
+def fold_accuracies(x: np.ndarray, y: np.ndarray, num_classes: int, l2s: list[float], feature_power: float = 0.5,
+                    folds: int = 5, seed: int = 0, repeats: int = 3) -> list[float]:
+    """Held-out accuracy of the default head (L-BFGS logistic regression, the train stage's solver, at the middle
+    of `select.l2`) on each fold of each repeat, in (repeat, fold) order. The folds depend on (y, seed) only, so
+    two candidates probed on the same images get the same folds: their fold scores pair up."""
     import torch
 
     from tasks.head import fit_lbfgs
@@ -139,9 +141,31 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, num_classes: int, l2s: list[flo
             head = fit_lbfgs(xt[~test], yt[~test], num_classes, l2, feature_power, max_iter=200)
             with torch.no_grad():
                 accs.append(float((head(xt[test]).argmax(1) == yt[test]).float().mean()))
+    return accs
+
+
+def probe_accuracy(x: np.ndarray, y: np.ndarray, num_classes: int, l2s: list[float], feature_power: float = 0.5,
+                   folds: int = 5, seed: int = 0, repeats: int = 3) -> dict:
+    """Repeated k-fold cross-validated accuracy of the default head: the mean over repeats x folds, the standard
+    deviation of the fold scores, the standard error of the mean (std / sqrt(repeats x folds)) and the fold
+    scores themselves ("fold_accs", for `paired_gap`)."""
+    accs = fold_accuracies(x, y, num_classes, l2s, feature_power, folds, seed, repeats)
     std = float(np.std(accs))
     return {"probe_acc": round(float(np.mean(accs)), 4), "probe_std": round(std, 4),
-            "probe_se": round(std / math.sqrt(len(accs)), 4), "folds": folds, "repeats": repeats, "l2": l2}
+            "probe_se": round(std / math.sqrt(len(accs)), 4), "folds": folds, "repeats": repeats,
+            "l2": sorted(l2s)[len(l2s) // 2], "fold_accs": accs}
+
+
+def paired_gap(best: list[float], other: list[float], images: int) -> tuple[float, float]:
+    """(mean, standard error) of best - other over paired fold scores (same images, same folds).
+
+    Pairing removes what both candidates share (a hard fold is hard for both), so a real difference shows on a
+    smaller sample than two independent standard errors would allow. The standard error is floored at one image
+    in `images` (the resolution of an accuracy on that sample): fold differences that happen to be all equal
+    (zero spread, e.g. one image per fold) do not make a gap of an image or two look certain."""
+    d = np.asarray(best, dtype=np.float64) - np.asarray(other, dtype=np.float64)
+    se = float(np.std(d)) / math.sqrt(len(d)) if len(d) else 0.0
+    return float(d.mean()) if len(d) else 0.0, max(se, 1.0 / max(images, 1))
 
 
 # ---------------------------------------------------------------- cost

@@ -35,7 +35,7 @@ from tasks.config import BackboneParams, Params, UserError
 from tasks.files import atomic_files, atomic_path, read_json, sha256_file, write_json
 from tasks.layout import Dataset, FeatureCache, Item, Layout, Progress
 from tasks.preprocess import PreprocessingCard
-from tasks.probe import count_flops, export_features_onnx, latency, logme, one_thread, probe_accuracy
+from tasks.probe import count_flops, export_features_onnx, latency, logme, one_thread, paired_gap, probe_accuracy
 
 
 class SelectError(UserError):
@@ -96,45 +96,137 @@ def prepare_candidate(name: str, params: Params, directory: Path) -> tuple[Prepr
     return card, onnx_path, net, time.perf_counter() - t0
 
 
-def subsample_features(candidates: list[dict], dataset: Dataset, items: list[Item], params: Params) -> float:
-    """Fill each candidate's "x" (features of the subsample) from its cache under select/<name>/features, or
-    compute them: each image is decoded once (at the largest resize any candidate needs) and every
-    candidate's crop is cut from that one decode; big JPEGs make decoding most of the cost. Returns seconds."""
-    from concurrent.futures import ThreadPoolExecutor
+def class_ranks(dataset: Dataset, items: list[Item]) -> np.ndarray:
+    """Each item's place in its class's hash order: the items with rank < k are `subsample(dataset, k, seed)`,
+    in the same order, so a smaller first sample is a subset of the probe sample (its features are reused)."""
+    seen: dict[str, int] = {}
+    ranks = []
+    for it in items:
+        ranks.append(seen.get(it.label, 0))
+        seen[it.label] = ranks[-1] + 1
+    return np.array(ranks, dtype=np.int64)
 
-    from tasks.preprocess import decode_rgb, load_image
 
-    t0 = time.perf_counter()
+def open_caches(candidates: list[dict], dataset: Dataset, items: list[Item]) -> np.ndarray:
+    """Give each candidate "x" (features of the probe sample, NaN where not computed yet), "have" (rows computed)
+    and "cached" from its cache under select/<name>/features (keyed by weights, preprocessing and the sample;
+    a candidate dropped after the first round holds that round's rows only). Returns the labels y."""
     y = np.array([dataset.label_index(it) for it in items], dtype=np.int64)
-    todo = []
     for c in candidates:
         card = c["card"]
         c["cache"] = FeatureCache(c["dir"] / "features")
         c["key"] = hashlib.sha256(json.dumps({"weights": card.weights_sha256, "preprocessing": card.preprocessing_dict(),
                                               "items": [(it.sha256, it.label) for it in items]},
                                              sort_keys=True).encode()).hexdigest()
-        c["cached"] = c["cache"].valid_key() == c["key"]
-        if c["cached"]:
-            c["x"] = c["cache"].load()["x"]
-        else:
-            todo.append(c)
-            c["parts"] = []
-    if todo:
-        side = max(c["card"].resize_size for c in todo)
-        paths = [dataset.resolve(it) for it in items]
-        bs = params.features.batch_size
-        with ThreadPoolExecutor(params.features.decode_workers) as pool:
-            for start in range(0, len(paths), bs):
-                images = list(pool.map(lambda p: decode_rgb(p, side), paths[start : start + bs]))
-                for c in todo:
-                    batch = np.stack([load_image(img, c["card"]) for img in images])
-                    c["parts"].append(c["session"].run(["features"], {"images": batch})[0])
-        for c in todo:
-            c["x"] = np.concatenate(c.pop("parts")).astype(np.float32)
-            c["cache"].save(c["key"], {"x": c["x"], "y": y}, {"candidate": c["card"].arch, "images": len(items)})
+        c["x"] = np.full((len(items), card.feature_dim), np.nan, dtype=np.float32)
+        c["have"] = np.zeros(len(items), dtype=bool)
+        c["computed"] = False
+        if c["cache"].valid_key() == c["key"]:
+            stored = c["cache"].load()
+            rows = stored["rows"]
+            c["x"][rows], c["have"][rows] = stored["x"], True
+    return y
+
+
+def save_caches(candidates: list[dict], y: np.ndarray, items: list[Item]) -> None:
     for c in candidates:
-        c["y"] = y
-    return time.perf_counter() - t0
+        if c["computed"]:
+            rows = np.flatnonzero(c["have"])
+            c["cache"].save(c["key"], {"x": c["x"][rows], "rows": rows, "y": y[rows]},
+                            {"candidate": c["card"].arch, "images": len(items), "rows": len(rows)})
+
+
+def fill_features(candidates: list[dict], dataset: Dataset, items: list[Item], rows: np.ndarray, params: Params,
+                  clock: dict) -> None:
+    """Compute every candidate's missing features among `rows` (indices into the probe sample).
+
+    Each image is decoded once (at the largest resize a candidate that needs it wants) and every candidate's
+    crop is cut from that one decode, in worker threads that run ahead of the network (the next batch is
+    decoded and resized while onnxruntime runs this one). `clock` sums decode, resize (thread seconds) and each
+    candidate's network seconds."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.preprocess import decode_rgb, load_image
+
+    need = [(i, [c for c in candidates if not c["have"][i]]) for i in rows]
+    need = [(i, cs) for i, cs in need if cs]
+    if not need:
+        return
+    lock = threading.Lock()
+
+    def prepare(i: int, cs: list[dict]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        img = decode_rgb(dataset.resolve(items[i]), max(c["card"].resize_size for c in cs))
+        t1 = time.perf_counter()
+        crops = {c["name"]: load_image(img, c["card"]) for c in cs}
+        t2 = time.perf_counter()
+        with lock:
+            clock["decode_s"] += t1 - t0
+            clock["resize_s"] += t2 - t1
+        return crops
+
+    bs = params.features.batch_size
+    chunks = [need[s : s + bs] for s in range(0, len(need), bs)]
+    with ThreadPoolExecutor(params.features.decode_workers) as pool:
+        submit = lambda chunk: [pool.submit(prepare, i, cs) for i, cs in chunk]  # noqa: E731
+        ahead = [submit(chunks[0])] + ([submit(chunks[1])] if len(chunks) > 1 else [])
+        for k, chunk in enumerate(chunks):
+            futures = ahead.pop(0)
+            crops = [f.result() for f in futures]
+            if k + 2 < len(chunks):  # two batches in flight at most: bounded memory
+                ahead.append(submit(chunks[k + 2]))
+            for c in candidates:
+                idx = [j for j, (_, cs) in enumerate(chunk) if any(cc is c for cc in cs)]
+                if not idx:
+                    continue
+                t0 = time.perf_counter()
+                batch = np.stack([crops[j][c["name"]] for j in idx])
+                out = c["session"].run(["features"], {"images": batch})[0]
+                clock["network_s"][c["name"]] = clock["network_s"].get(c["name"], 0.0) + time.perf_counter() - t0
+                at = [chunk[j][0] for j in idx]
+                c["x"][at], c["have"][at], c["computed"] = out, True, True
+
+
+def score(c: dict, rows: np.ndarray, y: np.ndarray, num_classes: int, params: Params, clock: dict,
+          repeats: int) -> dict:
+    """Probe accuracy (repeated k-fold, with the fold scores) and LogME of one candidate on the sample rows."""
+    sp = params.select
+    x = c["x"][rows]
+    t0 = time.perf_counter()
+    with one_thread():
+        scores = probe_accuracy(x, y[rows], num_classes, sp.l2, sp.feature_power, sp.folds, params.data.seed, repeats)
+        scores["logme"] = round(logme(x, y[rows]), 4)
+    seconds = time.perf_counter() - t0
+    clock["cv_s"][c["name"]] = clock["cv_s"].get(c["name"], 0.0) + seconds
+    return scores
+
+
+def clearly_worse(rows: list[dict], images: int, margin_se: float, max_latency_ms: float | None) -> dict[str, str]:
+    """name -> why, for the candidates of a first round that cannot win and stop there.
+
+    Over the latency budget: cannot be chosen. Within it: the probe accuracy is below the best's (by probe
+    accuracy, then LogME, as `choose`) by more than `margin_se` standard errors of the paired fold-score
+    difference (same images, same folds; `paired_gap`). With 2 s.e. a candidate truly as good as the best is
+    dropped about 2-3% of the time; one that is dropped would also have to gain that much on the rest of the
+    sample to be chosen. `rows` need "name", "probe_acc", "logme", "fold_accs", "latency_ms_b1"."""
+    fits = [r for r in rows if max_latency_ms is None or r["latency_ms_b1"] <= max_latency_ms]
+    if not fits:
+        return {}  # nothing to compare against: `choose` says so after the last round
+    best = max(fits, key=lambda r: (r["probe_acc"], r["logme"]))
+    out = {}
+    for r in rows:
+        if r is best:
+            continue
+        if r not in fits:
+            out[r["name"]] = f"over select.max_latency_ms={max_latency_ms} ({r['latency_ms_b1']} ms at batch 1): cannot be chosen"
+            continue
+        gap, se = paired_gap(best["fold_accs"], r["fold_accs"], images)
+        if gap > margin_se * se:
+            out[r["name"]] = (f"probe {r['probe_acc']:.3f} on the first {images} images is {gap:.3f} below {best['name']} "
+                              f"({best['probe_acc']:.3f}): {gap / se:.1f} paired standard errors ({se:.4f}), more than "
+                              f"select.drop_margin_se={margin_se:g}")
+    return out
 
 
 def choose(rows: list[dict], max_latency_ms: float | None) -> dict:
@@ -223,7 +315,7 @@ def run(params: Params, layout: Layout, progress: Progress | None = None, probe:
         items = subsample(dataset, per_class, params.data.seed)
         report.update(images=len(items), per_class=per_class, folds=sp.folds, repeats=sp.repeats,
                       classes=len(dataset.classes))
-        setup_s = cost_s = cv_s = 0.0
+        setup_s = cost_s = 0.0
         ready = []
         for name in sp.candidates:
             directory = layout.select_dir / safe_name(name)
@@ -236,39 +328,81 @@ def run(params: Params, layout: Layout, progress: Progress | None = None, probe:
             setup_s += seconds
             # no idle spinning: onnxruntime's threads would otherwise busy-wait through the probe's own compute
             session, _ = open_session(onnx_path, device="cpu", spinning=False)
-            ready.append({"name": name, "dir": directory, "card": card, "net": net, "session": session})
-        features_s = subsample_features(ready, dataset, items, params) if ready else 0.0
-        for i, c in enumerate(ready):
-            card, x, y = c["card"], c["x"], c["y"]
-            t1 = time.perf_counter()
-            with one_thread():
-                scores = probe_accuracy(x, y, len(dataset.classes), sp.l2, sp.feature_power, sp.folds, params.data.seed,
-                                        sp.repeats)
-                score_logme = logme(x, y)
-            cv_s += time.perf_counter() - t1
             t2 = time.perf_counter()
-            cost = {"params_m": round(sum(p.numel() for p in c["net"].parameters()) / 1e6, 3),
-                    "gflops": round(count_flops(c["net"], card.input_size) / 1e9, 3),
-                    **latency(c["session"], card.input_size)}
+            # Cost first: the latency budget is known before the first round (over it: dropped there), and the
+            # session's one-time warm-up (memory arena, first run) is not counted as probe time.
+            cost = {"params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 3),
+                    "gflops": round(count_flops(net, card.input_size) / 1e9, 3), **latency(session, card.input_size)}
             cost_s += time.perf_counter() - t2
-            report["candidates"].append({
-                "name": c["name"], "arch": card.arch, "input_size": list(card.input_size), "feature_dim": card.feature_dim,
-                **scores, "logme": round(score_logme, 4), **cost, "features_cached": c["cached"],
-                "cv_s": round(t2 - t1, 2)})
-            if progress:
-                progress(i + 1, len(ready))
-        probe_s = features_s + cv_s
-        if not report["candidates"]:
+            ready.append({"name": name, "dir": directory, "card": card, "session": session, "cost": cost})
+        if not ready:
             raise SelectError(f"none of select.candidates {sp.candidates} could be loaded: "
                               + "; ".join(f"{s['name']}: {s['reason']}" for s in report["skipped"]))
-        report["pareto_front"] = pareto_front(report["candidates"])
+        # Successive halving: every candidate on a first sample (the first `first_images_per_class` of each class's
+        # probe images), the clearly worse stop there, the rest go on to the whole probe sample.
+        rank = class_ranks(dataset, items)
+        first = sp.first_images_per_class
+        halving = len(ready) > 1 and 0 < first < per_class
+        samples = [np.flatnonzero(rank < first), np.arange(len(items))] if halving else [np.arange(len(items))]
+        clock: dict = {"decode_s": 0.0, "resize_s": 0.0, "network_s": {}, "cv_s": {}}
+        y = open_caches(ready, dataset, items)
+        for c in ready:
+            c["cached"] = bool(c["have"].all())
+        features_s = 0.0
+        alive, rows_of, rounds = list(ready), {}, []
+        for k, sample in enumerate(samples):
+            t1 = time.perf_counter()
+            fill_features(alive, dataset, items, sample, params, clock)
+            features_s += time.perf_counter() - t1
+            last = k + 1 == len(samples)
+            # The first round is a screen: one k-fold (its fits cost as much as the whole sample's, whatever its
+            # size); the last round repeats it select.repeats times, as the choice's standard errors need.
+            for c in alive:
+                rows_of[c["name"]] = {"name": c["name"], **score(c, sample, y, len(dataset.classes), params, clock,
+                                                                 sp.repeats if last else 1),
+                                      "latency_ms_b1": c["cost"]["latency_ms_b1"], "probe_images": len(sample)}
+            this = {"images": len(sample), "repeats": sp.repeats if last else 1, "candidates": [c["name"] for c in alive]}
+            if not last:
+                drop = clearly_worse([rows_of[c["name"]] for c in alive], len(sample), sp.drop_margin_se,
+                                     sp.max_latency_ms)
+                this["dropped"] = drop
+                for name, why in drop.items():
+                    rows_of[name]["dropped"] = {"after_images": len(sample), "reason": why}
+                alive = [c for c in alive if c["name"] not in drop]
+            rounds.append(this)
+        save_caches(ready, y, items)
+        for i, c in enumerate(ready):
+            card, r = c["card"], rows_of[c["name"]]
+            r.pop("fold_accs")
+            report["candidates"].append({
+                "name": c["name"], "arch": card.arch, "input_size": list(card.input_size), "feature_dim": card.feature_dim,
+                **{k: v for k, v in r.items() if k not in ("name", "latency_ms_b1", "dropped")}, **c["cost"],
+                "dropped": r.get("dropped"), "features_cached": c["cached"],
+                "cv_s": round(clock["cv_s"].get(c["name"], 0.0), 2)})
+            if progress:
+                progress(i + 1, len(ready))
+        cv_s = sum(clock["cv_s"].values())
+        probe_s = features_s + cv_s
+        report["halving"] = {
+            "first_images_per_class": first if halving else None, "drop_margin_se": sp.drop_margin_se, "rounds": rounds,
+            "note": ("every candidate on the first sample; those more than select.drop_margin_se paired standard "
+                     "errors below the best stop there, the rest go on to the whole probe sample" if halving else
+                     "one round: " + ("one candidate" if len(ready) == 1 else
+                                      f"select.first_images_per_class={first} is 0 or not below {per_class}"))}
+        report["probe_time"] = {"decode_s": round(clock["decode_s"], 2), "resize_s": round(clock["resize_s"], 2),
+                                "network_s": {k: round(v, 2) for k, v in clock["network_s"].items()},
+                                "cv_s": {k: round(v, 2) for k, v in clock["cv_s"].items()},
+                                "note": "decode and resize: summed over the worker threads, which run while the "
+                                        "network does; features_s is the wall time of both"}
+        finalists = [r for r in report["candidates"] if not r["dropped"]]
+        report["pareto_front"] = pareto_front(finalists)
         report.update(probe_s=round(probe_s, 2), features_s=round(features_s, 2), cv_s=round(cv_s, 2),
                       setup_s=round(setup_s, 2), cost_s=round(cost_s, 2))
         if auto:
-            report["choice"] = choose(report["candidates"], sp.max_latency_ms)
+            report["choice"] = choose(finalists, sp.max_latency_ms)
         else:
             report["choice"] = {"name": params.backbone.name, "reason": "backbone.name is set in params.yaml"}
-            report["would_choose"] = choose(report["candidates"], sp.max_latency_ms)
+            report["would_choose"] = choose(finalists, sp.max_latency_ms)
         report["seconds"] = round(time.perf_counter() - t0, 2)
     with atomic_files(layout.reports) as tmp:
         write_json(tmp / layout.select_report.name, report)
