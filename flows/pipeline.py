@@ -162,7 +162,8 @@ def push_task() -> int:
         return int(repo.push())
 
 
-def model_card(params, metrics: dict, parity: dict, dataset: dict, card: dict) -> str:
+def model_card(params, metrics: dict, parity: dict, dataset: dict, card: dict,
+               page: str = "reports/index.html") -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in metrics.items())
     head = f"{params.task} head"
     return f"""# Model card: {params.backbone.name} + {head}
@@ -185,6 +186,9 @@ input {card['input_size'][0]}x{card['input_size'][1]}, resize {card['resize_size
 
 **Artifacts**: `export/model.onnx` (deployable), `export/triton/{params.export.triton_model_name}/` (Triton repository),
 `models/model.pt`, `reports/` — all versioned by DVC (`dvc.lock`) and pushed to the DVC remote.
+
+**Report page**: [{page}]({page}) — summary, metrics with intervals, confusion matrix, mistakes, label issues,
+duplicates and leaks, learning curve; one self-contained file.
 """
 
 
@@ -216,8 +220,8 @@ def transfer_learning(params: Params | None = None, overrides: dict[str, Any] | 
                               description=f"backbone candidates; chosen {chosen['choice']['name']}: {chosen['choice']['reason']}")
     create_markdown_artifact(
         key="model-card", markdown=model_card(params, metrics, parity, read_json(layout.prepared / "dataset.json"),
-                                              read_json(layout.card_json)),
-        description="data, backbone, params, metrics, parity, artifacts",
+                                              read_json(layout.card_json), layout.report_page.resolve().as_uri()),
+        description="data, backbone, params, metrics, parity, artifacts, the report page",
     )
     pushed = push_task() if push else 0
     cached = [r["stage"] for r in results if r["cached"]]

@@ -258,6 +258,11 @@ class Layout:
         return self.reports / "audit"
 
     @property
+    def report_page(self) -> Path:
+        """reports/index.html: the one self-contained page of the run (tasks/report.py)."""
+        return self.reports / "index.html"
+
+    @property
     def domain_gap(self) -> Path:
         """features/gap.json: how far the train images sit from the backbone's source data (tasks/gap.py)."""
         return self.features / "gap.json"

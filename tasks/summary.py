@@ -52,6 +52,8 @@ def main(layout: Layout = Layout()) -> int:
                      f"{d['near_duplicate']} near-duplicate / {d['conflict']} conflict pair(s), "
                      f"{audit['outliers']['count']} outlier(s); 2x the images: {lc['metric']} {nxt['score']:.3f} "
                      f"[{nxt['low']:.3f}, {nxt['high']:.3f}] (reports/audit.json)")
+    if layout.report_page.exists():
+        lines.append(f"page      {layout.report_page.resolve().as_uri()}  (one self-contained page: open it in a browser)")
     lines.append(f"compare   dvc metrics show | dvc plots show | dvc exp run -S {task}.seed=1")
     print("\n".join(lines))
     return 0

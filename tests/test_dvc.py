@@ -27,8 +27,10 @@ def test_repro_produces_metrics_and_a_clean_status(repo):
     flat = json.dumps(shown)
     assert '"accuracy"' in flat and "reports/metrics.json" in flat
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "select", "backbone", "features", "audit", "train", "evaluate", "export"}
+    assert set(lock["stages"]) == {"prepare", "select", "backbone", "features", "audit", "train", "evaluate", "export",
+                                   "report"}
     assert json.loads((repo / "reports" / "parity.json").read_text())["passed"]
+    assert "ONNX parity<b class=\"good\">passed" in (repo / "reports" / "index.html").read_text()  # the page, after export
 
 
 def test_plots_render(repo):

@@ -59,7 +59,8 @@ def test_a_failing_parity_gate_keeps_the_previous_servable_model(repo):
         probs = session.run(["probabilities"], {"images": np.zeros((1, 224, 224, 3), np.uint8)})[0]
         assert probs.shape[0] == 1 and abs(float(probs.sum()) - 1.0) < 1e-4
         assert not json.loads((repo / "reports" / "parity.json").read_text())["passed"]  # says why
-        assert status(repo) == {"export"}  # still stale: nothing was recorded
+        # still stale: nothing was recorded (and the report page, whose input parity.json now says why)
+        assert status(repo) == {"export", "report"}
     sh(["dvc", "repro"], repo)  # restores parity.json
 
 

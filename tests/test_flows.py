@@ -88,6 +88,8 @@ def test_deployment_runs_the_pipeline_and_dvc_versions_everything(prefect_env):
     artifacts = api(url, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
     keys = {a["key"] for a in artifacts}
     assert {"metrics", "model-card", "features-progress", "train-progress"} <= keys
+    card = next(a for a in artifacts if a["key"] == "model-card")
+    assert "reports/index.html" in card["data"] and (repo / "reports" / "index.html").stat().st_size > 10_000
     table = next(a for a in artifacts if a["key"] == "metrics")
     assert "accuracy" in json.dumps(table["data"])
     status = subprocess.run(["dvc", "status", "--json"], cwd=repo, env=env, capture_output=True, text=True, check=True)
