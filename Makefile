@@ -55,6 +55,8 @@ bench: venv
 	python bench/multilabel.py ../shared/datasets/multilabel
 	python bench/detection.py ../shared/datasets/bccd
 	python bench/segmentation.py ../shared/datasets/camvid
+	python bench/dense_profile.py ../shared/datasets/bccd
+	python bench/dense_profile.py ../shared/datasets/camvid --task segmentation
 
 clean-artifacts:
 	rm -rf data/prepared features models reports
