@@ -113,8 +113,29 @@ class SelectParams(Section):
     """The probe's head: signed power on the features before standardising."""
 
 
+class DaskParams(Section):
+    """features.executor: dask -- where the shards run."""
+
+    address: str | None = None
+    """A running scheduler (tcp://host:8786); null: a LocalCluster on 127.0.0.1 with n_workers x threads_per_worker.
+    Workers must see the project and the data at the same paths (a shared mount): checked on connect."""
+    n_workers: int = Field(2, ge=1)
+    """LocalCluster only: worker processes (each keeps one onnxruntime session)."""
+    threads_per_worker: int = Field(1, ge=1)
+    """LocalCluster only: threads per worker; each worker's onnxruntime session uses as many (no oversubscription)."""
+    window: int | None = Field(None, ge=1)
+    """Shards in flight at most; null: twice the cluster's threads."""
+
+
 class FeaturesParams(Section):
     """The feature pass, whatever the task (what the features are is the task's: <task>.features)."""
+
+    executor: Literal["local", "dask"] = "local"
+    """local: this process. dask: the pooled features pass (classification, multilabel) in shards on a Dask cluster
+    (features.dask); the arrays are the same, so neither this nor the two below enter the feature cache key."""
+    shard_size: int = Field(256, ge=1)
+    """dask: images per shard (never across splits; a shard is one task, one atomic .npy with its sha256)."""
+    dask: DaskParams = DaskParams()
 
     batch_size: int = Field(32, ge=1)
     engine: Literal["auto", "torch", "onnxruntime"] = "auto"

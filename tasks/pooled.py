@@ -142,11 +142,17 @@ def compute(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, k
     info = {"engine": engine, "counts": counts, "feature_dim": card.feature_dim,
             "manifest_sha256": dataset.manifest_sha256, "weights_sha256": card.weights_sha256}
     total, done = len(items), 0
+    dask = params.features.executor == "dask"
+    if dask and engine != "onnxruntime":
+        raise UserError(f"features.executor dask runs onnxruntime on the workers, but the engine here is {engine}: "
+                        f"set features.engine: onnxruntime")
+    shard_dir = layout.features.parent / ".features-shards" / key[:16]
     t_net = time.perf_counter()
     with layout.feature_cache().writer(key, info) as create:
         arrays = [create(f"x_{s}", (n, card.feature_dim), np.float32) for s, n in counts.items()]
-        with tqdm(total=total, desc=f"features ({engine})", unit="img", disable=None) as bar:
-            for batch in decoded_batches([dataset.resolve(items[i]) for i in order], card, params.features.batch_size,
+        stream = order[: len(sample)] if dask else order  # dask: the gap's subsample here, the rest in shards
+        with tqdm(total=total, desc=f"features ({engine}{', dask' if dask else ''})", unit="img", disable=None) as bar:
+            for batch in decoded_batches([dataset.resolve(items[i]) for i in stream], card, params.features.batch_size,
                                          params.features.decode_workers):
                 rows = order[done : done + len(batch)]
                 out = tapped_batch(run_batch, tap, batch, np.arange(done, done + len(batch)) < len(sample), engine)
@@ -158,12 +164,42 @@ def compute(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, k
                 bar.update(len(batch))
                 if progress:
                     progress(done, total)
+            if dask:
+                info["dask"] = shard_features(params, layout, dataset, card, counts, sample, arrays, shard_dir,
+                                              lambda n: (bar.update(n), progress and progress(bar.n, total)))
         rate = total / max(time.perf_counter() - t_net, 1e-9)
         info["images_per_s"] = round(rate, 1)  # key.json is written when the block ends
         write_labels(create)
+    if dask:  # the features are in place: the shards and their journal are no longer needed
+        from tasks.distributed import remove
+
+        remove(shard_dir)
     if tap is not None and tap.images:  # after the swap, which replaces the folder
         save_gap(layout, key, summarize(tap.layers(), tap.images))
     return rate
+
+
+def shard_features(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, counts: dict[str, int],
+                   sample: np.ndarray, arrays: list[np.ndarray], shard_dir: Path, tick: Callable[[int], None]) -> dict:
+    """features.executor dask: every row not in the gap's subsample, in shards on the cluster, into `arrays`."""
+    from tasks.distributed import compute, make_shards
+
+    offsets = np.cumsum([0, *counts.values()])
+    in_sample = np.zeros(int(offsets[-1]), dtype=bool)
+    in_sample[sample] = True
+    order, paths = {}, {}
+    for k, split in enumerate(counts):
+        mine = dataset.split(split)
+        paths[split] = [str(dataset.resolve(it)) for it in mine]
+        order[split] = [i for i in range(len(mine)) if not in_sample[offsets[k] + i]]
+    shards = make_shards(order, paths, params.features.shard_size)
+    index = {split: k for k, split in enumerate(counts)}
+
+    def on_shard(shard, x: np.ndarray) -> None:
+        arrays[index[shard.split]][shard.rows] = x
+
+    return compute(shards, layout.features_onnx, card, params.features.batch_size, shard_dir, params.features.dask,
+                   on_shard, tick)
 
 
 def tapped_batch(run_batch: Callable, tap, batch: np.ndarray, sample: np.ndarray, engine: str) -> np.ndarray:
