@@ -57,6 +57,7 @@ bench: venv
 	python bench/segmentation.py ../shared/datasets/camvid
 	python bench/dense_profile.py ../shared/datasets/bccd
 	python bench/dense_profile.py ../shared/datasets/camvid --task segmentation
+	python bench/distributed.py
 
 clean-artifacts:
 	rm -rf data/prepared features models reports
