@@ -20,6 +20,7 @@ this one path.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -81,16 +82,14 @@ def _worker_threads() -> int:
         return 1
 
 
-def run_shard(name: str, onnx_path: str, card, paths: list[str], batch_size: int, out_dir: str) -> dict:
+def run_shard(name: str, paths: list[str], out_dir: str, onnx_path: str, card, batch_size: int) -> dict:
     """On a worker: one shard's features -> <out_dir>/<name>.npy (atomic). Returns name, sha256, rows, pid.
 
     An image that cannot be decoded is returned as an error (not raised), so the scheduler does not retry what
     fails the same way every time."""
     from tasks.preprocess import load_image
 
-    pid = os.getpid()
-    with open(Path(out_dir) / "attempts.log", "a") as log:  # one short append per attempt: who ran what
-        log.write(f"{name} {pid}\n")
+    pid = note_attempt(name, out_dir)
     t0 = time.perf_counter()
     session = _session(onnx_path, _worker_threads())
     parts = []
@@ -104,14 +103,33 @@ def run_shard(name: str, onnx_path: str, card, paths: list[str], batch_size: int
         parts.append(session.run(["features"], {"images": np.stack(batch)})[0])
     x = np.concatenate(parts).astype(np.float32, copy=False)
     final = Path(out_dir) / f"{name}.npy"
-    tmp = final.with_name(f".{name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_shard(final) as f:
         np.save(f, x)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
     return {"name": name, "sha256": sha256_file(final), "rows": len(x), "pid": pid,
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def note_attempt(name: str, out_dir: str) -> int:
+    """One short append per attempt (who ran what: the tests and the bench read it); the worker's pid."""
+    pid = os.getpid()
+    with open(Path(out_dir) / "attempts.log", "a") as log:
+        log.write(f"{name} {pid}\n")
+    return pid
+
+
+@contextlib.contextmanager
+def atomic_shard(final: Path, mode: str = "wb"):
+    """A shard file written whole or not at all: a hidden temporary beside it, fsynced, then renamed."""
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def _sees(path: str, token: str) -> bool:
@@ -167,7 +185,7 @@ def connect(dask_params, probe_dir: Path) -> Iterator:
             cluster.close()
 
 
-def read_journal(journal: Path, shard_dir: Path) -> dict[str, str]:
+def read_journal(journal: Path, shard_dir: Path, suffix: str = ".npy") -> dict[str, str]:
     """name -> sha256 of the journalled shards whose file is still there and intact."""
     done = {}
     if journal.exists():
@@ -176,7 +194,7 @@ def read_journal(journal: Path, shard_dir: Path) -> dict[str, str]:
                 entry = json.loads(line)
             except ValueError:
                 continue  # a line cut by a killed driver
-            f = shard_dir / f"{entry.get('name')}.npy"
+            f = shard_dir / f"{entry.get('name')}{suffix}"
             if f.is_file() and sha256_file(f) == entry.get("sha256"):
                 done[entry["name"]] = entry["sha256"]
     return done
@@ -185,30 +203,67 @@ def read_journal(journal: Path, shard_dir: Path) -> dict[str, str]:
 def compute(shards: list[Shard], onnx_path: Path, card, batch_size: int, shard_dir: Path, dask_params,
             on_shard: Callable[[Shard, np.ndarray], None], progress: Callable[[int], None] | None = None) -> dict:
     """Every shard's features, each handed to `on_shard(shard, x)` once (journalled ones from disk). Returns counts."""
-    from distributed import as_completed
+    work = functools.partial(run_shard, onnx_path=str(onnx_path.resolve()), card=card, batch_size=batch_size)
+    return run_sharded(shards, work, shard_dir, dask_params, lambda s, f: on_shard(s, np.load(f)), progress,
+                       suffix=".npy", fix="fix or remove the file and re-run prepare")
 
+
+def run_sharded(shards: list[Shard], work: Callable[..., dict], shard_dir: Path, dask_params,
+                on_shard: Callable[[Shard, Path], None], progress: Callable[[int], None] | None = None, *,
+                suffix: str, fix: str, local: bool = False) -> dict:
+    """Every shard through `work(name, paths, out_dir)` (on the cluster, or here in order when `local`), each
+    finished shard's file handed to `on_shard(shard, path)` once, journalled ones from disk without recomputing.
+
+    `work` writes <out_dir>/<name><suffix> atomically and returns {"name", "sha256", "rows"}, or {"name",
+    "error", "paths"} for a failure of its input that would repeat (the run stops with one line ending in `fix`)."""
     shard_dir.mkdir(parents=True, exist_ok=True)
     journal = shard_dir / "journal.jsonl"
-    done = read_journal(journal, shard_dir)
+    done = read_journal(journal, shard_dir, suffix)
     by_name = {s.name: s for s in shards}
-    stats = {"shards": len(shards), "from_journal": len(done), "computed": 0}
+    stats = {"shards": len(shards), "from_journal": len([n for n in done if n in by_name]), "computed": 0}
     for name in done:
         if name in by_name:
-            on_shard(by_name[name], np.load(shard_dir / f"{name}.npy"))
+            on_shard(by_name[name], shard_dir / f"{name}{suffix}")
             if progress:
-                progress(len(by_name[name].rows))
+                progress(len(by_name[name].paths))
     todo = [s for s in shards if s.name not in done]
-    if todo:
-        with connect(dask_params, shard_dir) as client, open(journal, "a") as jf:
+    if not todo:
+        return stats
+    out_dir = str(shard_dir.resolve())
+    with open(journal, "a") as jf:
+        def finish(r: dict) -> None:
+            if "error" in r:
+                raise DistributedError(f"shard {r['name']} fails every time: {r['error']} (its images: "
+                                       f"{', '.join(r['paths'][:5])}{' ...' if len(r['paths']) > 5 else ''}); {fix}")
+            f = shard_dir / f"{r['name']}{suffix}"
+            if sha256_file(f) != r["sha256"]:
+                raise DistributedError(f"shard {r['name']}: {f} does not match the sha256 its worker wrote")
+            s = by_name[r["name"]]
+            if r["rows"] != len(s.paths):
+                raise DistributedError(f"shard {s.name}: {r['rows']} rows, expected {len(s.paths)}")
+            on_shard(s, f)
+            jf.write(json.dumps({"name": s.name, "sha256": r["sha256"]}) + "\n")
+            jf.flush()
+            os.fsync(jf.fileno())
+            stats["computed"] += 1
+            if progress:
+                progress(len(s.paths))
+
+        if local:
+            for s in todo:
+                finish(work(s.name, s.paths, out_dir))
+            return stats
+        from distributed import as_completed
+
+        with connect(dask_params, shard_dir) as client:
             threads = sum(client.nthreads().values()) or 1
             window = dask_params.window or 2 * threads
             stats.update(workers=len(client.nthreads()), threads=threads, window=window)
             pending = iter(todo)
-            key = hashlib.sha256(str(shard_dir.resolve()).encode()).hexdigest()[:10]
+            key = hashlib.sha256(out_dir.encode()).hexdigest()[:10]
 
             def submit(s: Shard):
-                return client.submit(run_shard, s.name, str(onnx_path.resolve()), card, s.paths, batch_size,
-                                     str(shard_dir.resolve()), key=f"tlcv-shard-{key}-{s.name}", pure=False)
+                return client.submit(work, s.name, s.paths, out_dir, key=f"tlcv-shard-{key}-{s.name}", pure=False)
 
             running = as_completed([submit(s) for s in (next(pending, None) for _ in range(window)) if s is not None])
             for future in running:
@@ -217,24 +272,7 @@ def compute(shards: list[Shard], onnx_path: Path, card, batch_size: int, shard_d
                 except Exception as exc:  # noqa: BLE001 - KilledWorker and friends: one line, nothing journalled
                     raise DistributedError(f"a shard failed on the cluster: {type(exc).__name__}: "
                                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-                if "error" in r:
-                    raise DistributedError(f"shard {r['name']} fails every time: {r['error']} (its images: "
-                                           f"{', '.join(r['paths'][:5])}{' ...' if len(r['paths']) > 5 else ''}); "
-                                           f"fix or remove the file and re-run prepare")
-                f = shard_dir / f"{r['name']}.npy"
-                if sha256_file(f) != r["sha256"]:
-                    raise DistributedError(f"shard {r['name']}: {f} does not match the sha256 its worker wrote")
-                x = np.load(f)
-                s = by_name[r["name"]]
-                if len(x) != len(s.rows):
-                    raise DistributedError(f"shard {s.name}: {len(x)} rows, expected {len(s.rows)}")
-                on_shard(s, x)
-                jf.write(json.dumps({"name": s.name, "sha256": r["sha256"]}) + "\n")
-                jf.flush()
-                os.fsync(jf.fileno())
-                stats["computed"] += 1
-                if progress:
-                    progress(len(s.rows))
+                finish(r)
                 nxt = next(pending, None)
                 if nxt is not None:
                     running.add(submit(nxt))

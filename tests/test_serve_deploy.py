@@ -255,6 +255,7 @@ def test_the_server_opens_one_session_through_open_session_with_spinning_off(tmp
     import onnxruntime as ort
 
     from deploy import app as app_module
+    from deploy import model as model_module
     from tasks import runtime
 
     made, calls = [], []
@@ -270,7 +271,7 @@ def test_the_server_opens_one_session_through_open_session_with_spinning_off(tmp
 
     real_open = runtime.open_session
     monkeypatch.setattr(ort, "InferenceSession", counting_session)
-    monkeypatch.setattr(app_module, "open_session", spy_open_session)
+    monkeypatch.setattr(model_module, "open_session", spy_open_session)  # deploy/app.py's Model is deploy/model.py's
     model = tiny_onnx(tmp_path / "m.onnx")
     m = app_module.Model.load(str(model), "classifier", "cpu", threads=1, spinning=False)
     assert len(made) == 1 and calls == [{"device": "cpu", "threads": 1, "spinning": False}]
