@@ -58,6 +58,7 @@ bench: venv
 	python bench/dense_profile.py ../shared/datasets/bccd
 	python bench/dense_profile.py ../shared/datasets/camvid --task segmentation
 	python bench/distributed.py
+	python bench/predict.py ../shared/datasets/hymenoptera
 
 clean-artifacts:
 	rm -rf data/prepared features models reports

@@ -33,7 +33,7 @@ Endpoints
 Where things are: deploy/codec.py (the protocol on the wire), deploy/batcher.py (dynamic batching),
 deploy/images.py (decoding within the pixel budget), deploy/limits.py (timeouts, connection cap, body
 budget, log flood filter), deploy/predict.py (finds the task's tasks/<task>/serve.py, parses the query),
-deploy/app.py (model, routes), deploy/settings.py; this module starts uvicorn.
+deploy/model.py (the model), deploy/app.py (routes), deploy/settings.py; this module starts uvicorn.
 
 Bad input is a 4xx with {"error": "..."}: body over MAX_BODY_BYTES or image over MAX_IMAGE_PIXELS -> 413,
 undecodable image / wrong name, shape, datatype / too many images -> 400, request not received within
