@@ -221,6 +221,9 @@ def compute(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, k
     beside them (`write_labels(create)`). Returns network passes per second."""
     from tqdm import tqdm
 
+    if params.features.executor == "dask":  # said, not silently run here
+        raise UserError(f"features.executor dask runs the pooled feature pass (classification, multilabel); "
+                        f"{params.task}'s dense maps run in this process: set features.executor: local")
     flip_train = params.head.features.flip_train
     if engine == "onnxruntime":
         from tasks.runtime import open_session

@@ -193,3 +193,15 @@ def test_an_unreachable_scheduler_is_one_line(data, tmp_path):
     w = workdir(data, "unreachable")
     with pytest.raises(UserError, match=f"features.dask.address=tcp://127.0.0.1:{port}: no scheduler answers"):
         w.features_(dask_params(data[1], f"tcp://127.0.0.1:{port}"), force=True)
+
+
+def test_dense_features_on_the_cluster_are_refused_in_one_line():
+    """Detection/segmentation maps run in-process only: executor dask says so instead of silently running here."""
+    from tasks import dense
+    from tasks.config import UserError, parse_params
+
+    params = parse_params({"task": "detection", "data": {"dataset": "voc", "root": "unused"},
+                           "features": {"executor": "dask"}})
+    with pytest.raises(UserError, match="set features.executor: local") as e:
+        dense.compute(params, None, None, None, "", "onnxruntime", {}, None, None)
+    assert "\n" not in str(e.value)
