@@ -50,7 +50,7 @@ def main() -> None:
         folder = data_root / split
         result = {"dataset": data_root.name, "split": split, "images": len(evaluated), "pipeline_s": round(pipeline_s, 1)}
         rows = {}
-        for arm, extra in (("local", ["--executor", "local", "--threads", "1" if a.workers == 1 else "0"]),
+        for arm, extra in (("local", ["--executor", "local"]),
                            ("cluster", ["--executor", "dask", "--workers", str(a.workers), "--threads-per-worker", "1",
                                         "--shard-size", "32"])):
             out = work / f"pred-{arm}.csv"

@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from tasks.config import UserError
-from tasks.files import sha256_file
+from tasks.files import atomic_file, sha256_file
 
 _SESSIONS: dict = {}  # per worker process: (onnx path, threads) -> onnxruntime session, opened once
 
@@ -73,13 +73,14 @@ def _session(onnx_path: str, threads: int):
     return _SESSIONS[key]
 
 
-def _worker_threads() -> int:
+def _worker_threads(default: int = 1) -> int:
+    """The Dask worker's threads; `default` outside a worker."""
     try:
         from distributed import get_worker
 
         return max(1, int(get_worker().state.nthreads))
     except (ImportError, ValueError, AttributeError):
-        return 1
+        return default
 
 
 def run_shard(name: str, paths: list[str], out_dir: str, onnx_path: str, card, batch_size: int) -> dict:
@@ -103,7 +104,7 @@ def run_shard(name: str, paths: list[str], out_dir: str, onnx_path: str, card, b
         parts.append(session.run(["features"], {"images": np.stack(batch)})[0])
     x = np.concatenate(parts).astype(np.float32, copy=False)
     final = Path(out_dir) / f"{name}.npy"
-    with atomic_shard(final) as f:
+    with atomic_file(final) as f:
         np.save(f, x)
     return {"name": name, "sha256": sha256_file(final), "rows": len(x), "pid": pid,
             "seconds": round(time.perf_counter() - t0, 3)}
@@ -115,21 +116,6 @@ def note_attempt(name: str, out_dir: str) -> int:
     with open(Path(out_dir) / "attempts.log", "a") as log:
         log.write(f"{name} {pid}\n")
     return pid
-
-
-@contextlib.contextmanager
-def atomic_shard(final: Path, mode: str = "wb"):
-    """A shard file written whole or not at all: a hidden temporary beside it, fsynced, then renamed."""
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def _sees(path: str, token: str) -> bool:

@@ -47,7 +47,7 @@ import numpy as np
 
 from tasks import contract
 from tasks.config import UserError
-from tasks.files import sha256_file
+from tasks.files import atomic_file, sha256_file, write_bytes
 
 _MODELS: dict = {}  # per process (a Dask worker or this one): (model path, device, threads) -> deploy.model.Model
 FORMATS = (".csv", ".jsonl", ".parquet")
@@ -102,21 +102,10 @@ def _model(model_path: str, device: str, threads: int):
 
 
 def _threads(fixed: int) -> int:
-    if fixed:
-        return fixed
+    """onnxruntime threads: `fixed`, else the Dask worker's threads, else (here) the machine's cores."""
     from tasks.distributed import _worker_threads
 
-    return _worker_threads() if _on_worker() else (os.cpu_count() or 1)
-
-
-def _on_worker() -> bool:
-    try:
-        from distributed import get_worker
-
-        get_worker()
-        return True
-    except (ImportError, ValueError):
-        return False
+    return fixed or _worker_threads(default=os.cpu_count() or 1)
 
 
 def _read(root: str, rel: str, card) -> tuple[np.ndarray, tuple[int, int]]:
@@ -135,36 +124,40 @@ def predict_shard(name: str, paths: list[str], out_dir: str, model_path: str, de
                   root: str, query: dict, masks: str | None, batch_size: int) -> dict:
     """On a worker (or here): one shard's rows -> <out_dir>/<name>.jsonl (atomic); segmentation masks under `masks`.
     Returns name, sha256, rows."""
-    from tasks.distributed import atomic_shard, note_attempt
+    from tasks.distributed import note_attempt
 
     pid = note_attempt(name, out_dir)
     n = _threads(threads)
     model = _model(model_path, device, n)
-    rows: list[dict | None] = []
+    rows: list[dict] = []
     with ThreadPoolExecutor(max(1, min(4, n))) as pool:  # decoding beside the network
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
-            decoded: list[Any] = []
-            for rel, fut in zip(chunk, [pool.submit(_read, root, rel, model.card) for rel in chunk]):
-                try:
-                    decoded.append(fut.result())
-                except Exception as exc:  # noqa: BLE001 - whatever this file does wrong is reported in its row
-                    decoded.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300])
+            decoded = [_result(f) for f in [pool.submit(_read, root, rel, model.card) for rel in chunk]]
             ok = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
             outs = model.run(np.stack([decoded[i][0] for i in ok])) if ok else {}
-            for rel, d in zip(chunk, decoded):
-                rows.append({"path": rel, "width": None, "height": None, "error": d} if isinstance(d, str) else None)
-            for j, i in enumerate(ok):
-                out = {k: v[j] for k, v in outs.items()}
-                size = decoded[i][1]
-                answer = model.serving.answer(out, size, query)
-                rows[start + i] = {"path": chunk[i], "width": size[0], "height": size[1], "error": "",
-                                   **row_of(model.task, answer, chunk[i], masks)}
+            at = {i: j for j, i in enumerate(ok)}  # chunk position -> batch row
+            for i, (rel, d) in enumerate(zip(chunk, decoded)):
+                if isinstance(d, str):
+                    rows.append({"path": rel, "width": None, "height": None, "error": d})
+                    continue
+                size = d[1]
+                answer = model.serving.answer({k: v[at[i]] for k, v in outs.items()}, size, query)
+                rows.append({"path": rel, "width": size[0], "height": size[1], "error": "",
+                             **row_of(model.task, answer, rel, masks)})
     final = Path(out_dir) / f"{name}.jsonl"
-    with atomic_shard(final) as f:
+    with atomic_file(final) as f:
         for r in rows:
             f.write((json.dumps(r, separators=(",", ":")) + "\n").encode())
     return {"name": name, "sha256": sha256_file(final), "rows": len(rows), "pid": pid}
+
+
+def _result(future) -> tuple[np.ndarray, tuple[int, int]] | str:
+    """A decode's result, or why this file could not be read (reported in its row, the run goes on)."""
+    try:
+        return future.result()
+    except Exception as exc:  # noqa: BLE001 - whatever this file does wrong is the file's
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
 def row_of(task: str, answer: dict, rel: str, masks: str | None) -> dict:
@@ -182,12 +175,7 @@ def row_of(task: str, answer: dict, rel: str, masks: str | None) -> dict:
 
         inside = not Path(rel).is_absolute() and ".." not in Path(rel).parts  # else a name that stays in `masks`
         target = Path(masks) / (rel if inside else hashlib.sha256(rel.encode()).hexdigest()[:16] + "-" + Path(rel).name)
-        target = target.with_name(target.name + ".png")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        from tasks.distributed import atomic_shard
-
-        with atomic_shard(target) as f:  # the same bytes whichever attempt writes it
-            f.write(base64.b64decode(answer["mask_png"]))
+        target = write_bytes(target.with_name(target.name + ".png"), base64.b64decode(answer["mask_png"]))
         return {"mask": str(target), "class_fractions": _js(answer["class_fractions"])}
     raise PredictError(f"no batch prediction for task {task!r}")
 
@@ -319,45 +307,35 @@ def assemble(files: list[Path], out: Path, columns: list[str]) -> dict:
     """The parts in order -> `out` (streamed, one shard at a time), written to a temporary and swapped in."""
     counts = {"unreadable": 0, "flagged_ood": 0}
     labels: dict[str, int] = {}
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
     fmt = out.suffix.lower()
-    try:
-        writer = None
-        with open(tmp, "wb") as fb:
-            text = io.TextIOWrapper(fb, encoding="utf-8", newline="") if fmt != ".parquet" else None
+    writer = None
+    with atomic_file(out) as fb:
+        text = io.TextIOWrapper(fb, encoding="utf-8", newline="") if fmt != ".parquet" else None
+        if fmt == ".csv":
+            cw = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
+            cw.writeheader()
+        for rows in read_rows(files):
+            for r in rows:
+                counts["unreadable"] += bool(r["error"])
+                counts["flagged_ood"] += r.get("in_distribution") is False
+                if r.get("label") is not None:
+                    labels[r["label"]] = labels.get(r["label"], 0) + 1
             if fmt == ".csv":
-                cw = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore")
-                cw.writeheader()
-            for rows in read_rows(files):
-                for r in rows:
-                    counts["unreadable"] += bool(r["error"])
-                    counts["flagged_ood"] += r.get("in_distribution") is False
-                    if r.get("label") is not None:
-                        labels[r["label"]] = labels.get(r["label"], 0) + 1
-                if fmt == ".csv":
-                    cw.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in columns} for r in rows)
-                elif fmt == ".jsonl":
-                    text.writelines(json.dumps({k: r.get(k) for k in columns}) + "\n" for r in rows)
-                else:
-                    import pyarrow as pa
-                    import pyarrow.parquet as pq
+                cw.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in columns} for r in rows)
+            elif fmt == ".jsonl":
+                text.writelines(json.dumps({k: r.get(k) for k in columns}) + "\n" for r in rows)
+            else:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
 
-                    table = pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows],
-                                                 schema=_schema(columns))
-                    writer = writer or pq.ParquetWriter(fb, table.schema)
-                    writer.write_table(table)
-            if writer is not None:
-                writer.close()
-            if text is not None:
-                text.flush()
-                text.detach()
-            fb.flush()
-            os.fsync(fb.fileno())
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+                table = pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows], schema=_schema(columns))
+                writer = writer or pq.ParquetWriter(fb, table.schema)
+                writer.write_table(table)
+        if writer is not None:
+            writer.close()
+        if text is not None:
+            text.flush()
+            text.detach()  # atomic_file closes the file itself
     return {**counts, "labels": dict(sorted(labels.items(), key=lambda kv: -kv[1])) if labels else None}
 
 
