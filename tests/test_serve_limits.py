@@ -115,7 +115,11 @@ def test_a_connection_flood_under_a_low_file_limit_keeps_health_answering_and_th
     # The reported failure: 300 half-sent requests and a low `ulimit -n`: health checks timed out and the log grew
     # by ~96 MB in 35 s of EMFILE tracebacks. Here: 300 of them against 160 open files (MAX_CONNECTIONS is lowered
     # to fit), health checked all along from another thread.
-    s = ServerProcess(model[0], tmp_path / "flood.log", "--read-timeout-s", "4", nofile=160).wait_ready()
+    # The client opens them at ~18/s however fast the machine is: the listen backlog (16 at this limit) fills within
+    # one server loop turn and the next SYN waits out the kernel's 1 s retry. READ_TIMEOUT_S must therefore outlast
+    # the ~4.5 s it takes to open MAX_CONNECTIONS (80) of them: at 4 s the cap was reached by a few connections
+    # only (make_room closed 36 here, 0 on a CI run); at 10 s ~180 are open when the first time out.
+    s = ServerProcess(model[0], tmp_path / "flood.log", "--read-timeout-s", "10", nofile=160).wait_ready()
     socks, health, stop = [], [], threading.Event()
 
     def check_health():
@@ -133,7 +137,7 @@ def test_a_connection_flood_under_a_low_file_limit_keeps_health_answering_and_th
     try:
         for i in range(300):
             socks.append(half_request(s.port, ("head", "body", "silent")[i % 3]))
-        deadline = time.monotonic() + 10  # READ_TIMEOUT_S 4: all of them closed soon after
+        deadline = time.monotonic() + 15  # READ_TIMEOUT_S 10: all of them closed soon after
         for sock in socks:
             data, _ = read_until_closed(sock, timeout=max(0.1, deadline - time.monotonic()))
             assert not data.endswith(b"<still open>"), data
@@ -151,7 +155,8 @@ def test_a_connection_flood_under_a_low_file_limit_keeps_health_answering_and_th
     assert sorted(t for _, t in health)[len(health) // 2] < 0.5, health  # (a full listen queue costs a SYN retry: 1 s)
     closed = {dict(k[1])["reason"]: v for k, v in samples.items() if k[0] == "tlcv_connections_closed_total"}
     closed["408 on a body"] = sum(v for k, v in samples.items() if k[0] == "tlcv_request_errors_total" and ("code", "408") in k[1])
-    assert closed.get("make_room", 0) > 0 and sum(closed.values()) >= 295, closed  # each of the 300 closed by the server
+    # each of the 300 closed by the server; the cap made room for most (205 of 300 here, 2026-12-07)
+    assert closed.get("make_room", 0) >= 50 and sum(closed.values()) >= 295, closed
     assert len(log) < 20_000 and "Too many open files" not in log, f"{len(log)} bytes of log:\n{log[:3000]}"
     assert "lowered to" in log
 
