@@ -138,10 +138,13 @@ class FeaturesParams(Section):
     dask: DaskParams = DaskParams()
 
     batch_size: int = Field(32, ge=1)
+    """Images per network batch in torch and in the dense tasks' pass. The pooled features on CPU (onnxruntime) run
+    in runs of 8 instead, one per core at a time, each core decoding its own images (measured fastest on CPU)."""
     engine: Literal["auto", "torch", "onnxruntime"] = "auto"
     """auto: torch on CUDA when present, else onnxruntime on CPU (4-8x faster than torch eager here)."""
     decode_workers: int = Field(2, ge=1)
-    """Threads that decode and resize images while the network runs."""
+    """Threads that decode and resize images while the network runs (torch, the dense tasks, export and evaluate
+    checks; the pooled CPU pass decodes in its own per-core threads)."""
 
 
 class EvaluateParams(Section):

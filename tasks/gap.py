@@ -118,9 +118,10 @@ class OnnxTap:
         self.images = 0
 
     @classmethod
-    def open(cls, path: Path, feature_output: str) -> "OnnxTap | None":
+    def open(cls, path: Path, feature_output: str, threads: int | None = None) -> "OnnxTap | None":
         """None when the file has no BatchNormalization node with stored statistics (an older export: they were
-        fused into the convolutions) -- then bn_shift measures it in torch."""
+        fused into the convolutions) -- then bn_shift measures it in torch. `threads`: of one run (None: the
+        machine's cores); runs may be concurrent (`run`)."""
         import onnx
         from onnx import TensorProto, helper, numpy_helper
 
@@ -151,18 +152,26 @@ class OnnxTap:
         if not names:
             return None
         model.graph.node.extend(added)
-        session, _ = open_session(model.SerializeToString(), device="cpu", spinning=False)
+        session, _ = open_session(model.SerializeToString(), device="cpu", threads=threads, spinning=False)
         return cls(session, feature_output, names, source)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         features = []
         for lo in range(0, len(pixels), TAP_BATCH):
-            out = self.session.run(self.outputs, {"images": pixels[lo : lo + TAP_BATCH]})
-            stats = [o.reshape(len(o), -1).astype(np.float64).sum(0) for o in out[1:]]
-            self.sums = stats if self.sums is None else [a + b for a, b in zip(self.sums, stats)]
-            features.append(out[0])
-        self.images += len(pixels)
+            out, stats = self.run(pixels[lo : lo + TAP_BATCH])
+            self.add(stats, len(out))
+            features.append(out)
         return np.concatenate(features)
+
+    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(features, statistics) of one run; changes nothing, so runs may go on in several threads at once."""
+        out = self.session.run(self.outputs, {"images": pixels})
+        return out[0], [o.reshape(len(o), -1).astype(np.float64).sum(0) for o in out[1:]]
+
+    def add(self, stats: list[np.ndarray], images: int) -> None:
+        """Count one run's statistics in (add them in a fixed order: the sums are float64 but not associative)."""
+        self.sums = stats if self.sums is None else [a + b for a, b in zip(self.sums, stats)]
+        self.images += images
 
     def layers(self) -> list[dict]:
         if not self.images:

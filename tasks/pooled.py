@@ -7,7 +7,11 @@ split (onnxruntime on CPU, torch on CUDA) into features/x_<split>.npy, the task 
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -17,10 +21,10 @@ from torch import nn
 from tqdm import tqdm
 
 from tasks.config import UserError
-from tasks.gap import OnnxTap, save_gap, subsample_indices, summarize, write_gap
+from tasks.gap import TAP_BATCH, OnnxTap, save_gap, subsample_indices, summarize, write_gap
 from tasks.layout import Dataset, Layout, Progress
 from tasks.network import PixelNetwork, freeze, load_backbone
-from tasks.preprocess import PreprocessingCard, decoded_batches
+from tasks.preprocess import PreprocessingCard, decoded_batches, load_checked
 
 OUTPUTS = ("features",)  # features.onnx: images -> features [N, D]
 
@@ -101,11 +105,15 @@ def options(params, card: PreprocessingCard) -> dict | None:
     return None if (layers, flip) == ("last", False) else {"layers": layers, "flip": flip}
 
 
-def onnx_runner(onnx_path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    from tasks.runtime import open_session
+CPU_RUN = 8  # images per onnxruntime run on CPU: one-threaded runs were fastest at 4-8 (Lite0, 2 cores)
 
-    session, _ = open_session(onnx_path, device="cpu")
-    return lambda batch: session.run(list(OUTPUTS), {"images": batch})[0]
+
+def cpu_workers() -> tuple[int, int]:
+    """(threads that each decode and run their own images, onnxruntime threads of one run): the machine's cores
+    (not its load, so the same params give the same features anywhere), at most 8 runs at once."""
+    cores = os.cpu_count() or 1
+    workers = min(cores, 8)
+    return workers, max(1, cores // workers)
 
 
 def torch_runner(layout: Layout, device_name: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -127,43 +135,46 @@ def compute(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, k
             counts: dict[str, int], progress: Progress | None, write_labels: Callable) -> float:
     """x_<split> [N, D] float32 of every split into the feature cache, the task's targets beside them
     (`write_labels(create)`), swapped in whole. Returns the network's images per second."""
-    run_batch = onnx_runner(layout.features_onnx) if engine == "onnxruntime" else torch_runner(layout, params.device)
     # One stream over all splits (in split order), so decoding never stalls at a split boundary.
     items = [it for split in counts for it in dataset.split(split)]
     split_of = np.repeat(np.arange(len(counts)), list(counts.values()))
     row_of = np.concatenate([np.arange(n) for n in counts.values()]) if items else np.zeros(0, int)
-    # The domain gap's subsample (train rows) goes first, through the tapped features.onnx: the rest of the stream
-    # then reaches the main session in whole batches (odd batch sizes there cost more than the tap itself)
-    tap = OnnxTap.open(layout.features_onnx, OUTPUTS[0]) if layout.features_onnx.exists() else None
+    dask = params.features.executor == "dask"
+    if dask and engine != "onnxruntime":
+        raise UserError(f"features.executor dask runs onnxruntime on the workers, but the engine here is {engine}: "
+                        f"set features.engine: onnxruntime")
+    workers, threads = cpu_workers() if engine == "onnxruntime" else (1, None)
+    # The domain gap's subsample (train rows) goes first, through the tapped features.onnx (its features come
+    # from there: the same network, its BatchNorm not fused)
+    tap = OnnxTap.open(layout.features_onnx, OUTPUTS[0], threads) if layout.features_onnx.exists() else None
     sample = np.zeros(0, int)
     if tap is not None and "train" in counts:
         sample = np.array(subsample_indices(dataset), int) + sum(list(counts.values())[: list(counts).index("train")])
     order = np.concatenate([sample, np.setdiff1d(np.arange(len(items)), sample)]).astype(int)
     info = {"engine": engine, "counts": counts, "feature_dim": card.feature_dim,
             "manifest_sha256": dataset.manifest_sha256, "weights_sha256": card.weights_sha256}
-    total, done = len(items), 0
-    dask = params.features.executor == "dask"
-    if dask and engine != "onnxruntime":
-        raise UserError(f"features.executor dask runs onnxruntime on the workers, but the engine here is {engine}: "
-                        f"set features.engine: onnxruntime")
+    total = len(items)
     shard_dir = layout.features.parent / ".features-shards" / key[:16]
     t_net = time.perf_counter()
     with layout.feature_cache().writer(key, info) as create:
         arrays = [create(f"x_{s}", (n, card.feature_dim), np.float32) for s, n in counts.items()]
         stream = order[: len(sample)] if dask else order  # dask: the gap's subsample here, the rest in shards
+        paths = [dataset.resolve(items[i]) for i in stream]
         with tqdm(total=total, desc=f"features ({engine}{', dask' if dask else ''})", unit="img", disable=None) as bar:
-            for batch in decoded_batches([dataset.resolve(items[i]) for i in stream], card, params.features.batch_size,
-                                         params.features.decode_workers):
-                rows = order[done : done + len(batch)]
-                out = tapped_batch(run_batch, tap, batch, np.arange(done, done + len(batch)) < len(sample), engine)
-                for k, arr in enumerate(arrays):  # rows of each split
+            def put(lo: int, out: np.ndarray) -> None:  # features of stream positions lo.. into each split's rows
+                rows = order[lo : lo + len(out)]
+                for k, arr in enumerate(arrays):
                     mine = split_of[rows] == k
                     if mine.any():
                         arr[row_of[rows[mine]]] = out[mine]
-                done += len(batch)
-                bar.update(len(batch))
+                bar.update(len(out))
                 if progress:
-                    progress(done, total)
+                    progress(bar.n, total)
+
+            if engine == "onnxruntime":
+                cpu_pass(layout.features_onnx, tap, paths, len(sample), card, workers, threads, put)
+            else:
+                torch_pass(torch_runner(layout, params.device), tap, paths, len(sample), card, params.features, put)
             if dask:
                 info["dask"] = shard_features(params, layout, dataset, card, counts, sample, arrays, shard_dir,
                                               lambda n: (bar.update(n), progress and progress(bar.n, total)))
@@ -177,6 +188,56 @@ def compute(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, k
     if tap is not None and tap.images:  # after the swap, which replaces the folder
         save_gap(layout, key, summarize(tap.layers(), tap.images))
     return rate
+
+
+def cpu_pass(onnx_path: Path, tap: OnnxTap | None, paths: list[Path], n_sample: int, card: PreprocessingCard,
+             workers: int, threads: int, put: Callable[[int, np.ndarray], None]) -> None:
+    """onnxruntime on CPU: `workers` threads each decode a run of images and put it through one shared session
+    themselves (no decode pool fighting the network's threads for the cores; a one-threaded run is also the
+    fastest per core). The first `n_sample` paths go through the tap. Runs are fixed by position, so the
+    features do not depend on which thread ran what; the tap's statistics are added in run order."""
+    from tasks.runtime import open_session
+
+    session, _ = open_session(onnx_path, device="cpu", threads=threads, spinning=False)
+    starts = [*range(0, n_sample, TAP_BATCH), *range(n_sample, len(paths), CPU_RUN)]
+    ends = [*starts[1:], len(paths)]
+
+    def job(lo: int, hi: int):
+        pixels = np.stack([load_checked(p, card) for p in paths[lo:hi]])
+        if lo < n_sample:
+            return tap.run(pixels)
+        return session.run(list(OUTPUTS), {"images": pixels})[0], None
+
+    with ThreadPoolExecutor(workers) as pool:
+        pending: deque = deque()
+        runs = iter(zip(starts, ends))
+        for lo, hi in itertools.islice(runs, 2 * workers):
+            pending.append((lo, pool.submit(job, lo, hi)))
+        try:
+            while pending:
+                lo, future = pending.popleft()
+                out, stats = future.result()
+                if stats is not None:
+                    tap.add(stats, len(out))
+                put(lo, out)
+                nxt = next(runs, None)
+                if nxt is not None:
+                    pending.append((nxt[0], pool.submit(job, *nxt)))
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def torch_pass(run_batch: Callable, tap: OnnxTap | None, paths: list[Path], n_sample: int, card: PreprocessingCard,
+               f, put: Callable[[int, np.ndarray], None]) -> None:
+    """torch (CUDA): batches decoded by a small pool ahead of the network; the subsample also through the tap."""
+    done = 0
+    for batch in decoded_batches(paths, card, f.batch_size, f.decode_workers):
+        sample = np.arange(done, done + len(batch)) < n_sample
+        if tap is not None and sample.any():
+            tap(batch[sample])
+        put(done, run_batch(batch))
+        done += len(batch)
 
 
 def shard_features(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, counts: dict[str, int],
@@ -198,24 +259,8 @@ def shard_features(params, layout: Layout, dataset: Dataset, card: Preprocessing
     def on_shard(shard, x: np.ndarray) -> None:
         arrays[index[shard.split]][shard.rows] = x
 
-    return compute(shards, layout.features_onnx, card, params.features.batch_size, shard_dir, params.features.dask,
+    return compute(shards, layout.features_onnx, card, CPU_RUN, shard_dir, params.features.dask,  # runs as local
                    on_shard, tick)
-
-
-def tapped_batch(run_batch: Callable, tap, batch: np.ndarray, sample: np.ndarray, engine: str) -> np.ndarray:
-    """The batch's features; its rows in the gap's subsample also through the tap (in onnxruntime their features
-    come from the tap: the same network, its BatchNorm not fused)."""
-    if tap is None or not sample.any():
-        return run_batch(batch)
-    if engine != "onnxruntime":
-        tap(batch[sample])
-        return run_batch(batch)
-    tapped = tap(batch[sample])
-    out = np.empty((len(batch), *tapped.shape[1:]), tapped.dtype)
-    out[sample] = tapped
-    if not sample.all():
-        out[~sample] = run_batch(batch[~sample])
-    return out
 
 
 def after(params, layout: Layout, dataset: Dataset, card: PreprocessingCard, key: str) -> None:

@@ -146,14 +146,19 @@ class ImageDecodeError(ValueError):
     """An image that decoded in `prepare` no longer does (changed on disk since)."""
 
 
+def load_checked(path: Path, card: PreprocessingCard) -> np.ndarray:
+    """load_image of a file that `prepare` already decoded: a failure now is ImageDecodeError naming the file."""
+    try:
+        return load_image(path, card)
+    except Exception as exc:
+        raise ImageDecodeError(f"cannot decode {path}: {exc} (it changed after prepare? re-run prepare)") from exc
+
+
 def decoded_batches(paths: Sequence[Path], card: PreprocessingCard, batch_size: int, workers: int) -> Iterator[np.ndarray]:
     """uint8 [B, H, W, 3] batches in order; at most two batches decoded ahead of the consumer (bounded memory)."""
 
     def load(path: Path) -> np.ndarray:
-        try:
-            return load_image(path, card)
-        except Exception as exc:
-            raise ImageDecodeError(f"cannot decode {path}: {exc} (it changed after prepare? re-run prepare)") from exc
+        return load_checked(path, card)
 
     with ThreadPoolExecutor(workers) as pool:
         pending: deque[list[Future]] = deque()

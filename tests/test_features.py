@@ -173,3 +173,23 @@ def test_multi_layer_features_of_a_resnet_are_its_stages_then_its_pooled_feature
         last = FeatureExtractor(net, PreprocessingCard(**{**card.to_dict(), "extra": {}}))(pixels)
     assert multi.shape == (2, 64 + 128 + 256 + 512)
     torch.testing.assert_close(multi[:, -512:], last)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])  # train: the gap's subsample (the tap); test: the main runs
+def test_an_image_broken_after_prepare_stops_the_pass_naming_it_and_keeps_the_last_good_features(imagefolder, workdir,
+                                                                                                   split):
+    from tasks.preprocess import ImageDecodeError
+
+    params = tiny_params(imagefolder)
+    workdir.prepare(params)
+    workdir.features_(params)
+    before = workdir.layout.feature_cache().load()
+    item = workdir.layout.dataset().split(split)[-1]
+    broken = workdir.layout.dataset().resolve(item)
+    broken.write_bytes(broken.read_bytes()[:40])  # truncated: its header survives, its pixels do not
+    with pytest.raises(ImageDecodeError, match=broken.name):
+        workdir.features_(params, force=True)
+    after = workdir.layout.feature_cache().load()
+    assert sorted(after) == sorted(before)
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k])
