@@ -157,9 +157,6 @@ def load_checked(path: Path, card: PreprocessingCard) -> np.ndarray:
 def decoded_batches(paths: Sequence[Path], card: PreprocessingCard, batch_size: int, workers: int) -> Iterator[np.ndarray]:
     """uint8 [B, H, W, 3] batches in order; at most two batches decoded ahead of the consumer (bounded memory)."""
 
-    def load(path: Path) -> np.ndarray:
-        return load_checked(path, card)
-
     with ThreadPoolExecutor(workers) as pool:
         pending: deque[list[Future]] = deque()
         starts = iter(range(0, len(paths), batch_size))
@@ -167,7 +164,7 @@ def decoded_batches(paths: Sequence[Path], card: PreprocessingCard, batch_size: 
         def submit_next() -> None:
             start = next(starts, None)
             if start is not None:
-                pending.append([pool.submit(load, p) for p in paths[start : start + batch_size]])
+                pending.append([pool.submit(load_checked, p, card) for p in paths[start : start + batch_size]])
 
         submit_next()
         submit_next()
