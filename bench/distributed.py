@@ -5,7 +5,8 @@
 
 Arms, each the features stage's work over every image (data prepared once, the backbone built once):
 - inprocess_2t: the stage's local path (decode threads + onnxruntime on all cores);
-- inprocess_1t: one thread: decode then onnxruntime with 1 intra-op thread, serially (what one 1x1 worker does);
+- inprocess_1t: one thread: decode then onnxruntime with 1 intra-op thread, serially, in the same runs of
+  tasks/pooled.py CPU_RUN images (what one 1x1 worker does);
 - cluster_1x1, cluster_2x1: `features.executor: dask` on a LocalCluster of 1 / 2 single-threaded workers, started
   before the arm, each worker's onnxruntime session opened (start-up, timed apart: the rates are the steady
   state), driven by the stage itself (its domain-gap subsample runs on the driver, as in the in-process arm).
@@ -71,13 +72,14 @@ def with_executor(params, executor: str, address: str | None = None, shard_size:
 
 
 def inprocess_one_thread(layout, params) -> dict[str, np.ndarray]:
+    from tasks.pooled import CPU_RUN
     from tasks.preprocess import load_image
     from tasks.runtime import open_session
 
     dataset, card = layout.dataset(), layout.card()
     session, _ = open_session(layout.features_onnx, device="cpu", threads=1, spinning=False)
     out = {}
-    bs = params.features.batch_size
+    bs = CPU_RUN  # the runs a worker and the local pass use
     for split in ("train", "val", "test"):
         items = dataset.split(split)
         parts = []

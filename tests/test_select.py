@@ -11,7 +11,7 @@ from conftest import closed_port_url, make_imagefolder
 from tasks.config import parse_params
 from tasks.files import read_json
 from tasks.layout import Layout
-from tasks.probe import logme, logme_evidence, stratified_folds
+from tasks.probe import fit_folds, fold_accuracies, logme, logme_evidence, stratified_folds
 from tasks.select import SelectError, choose, pareto_front
 
 
@@ -57,6 +57,36 @@ def test_folds_are_stratified_and_deterministic():
     assert sizes.max() - sizes.min() <= 1
     assert np.array_equal(folds, stratified_folds(y, 5, seed=3))
     assert not np.array_equal(folds, stratified_folds(y, 5, seed=4))
+
+
+
+def test_the_folds_solved_together_are_each_folds_own_fit():
+    """fit_folds (every fold's L-BFGS in one solve) predicts what fit_lbfgs fitted on that fold alone predicts,
+    on data hard enough that the folds' accuracies differ (a wrong fold's standardisation, a missing mask or a
+    fold's loss scaled by the others would show)."""
+    import torch
+
+    from tasks.head import fit_lbfgs
+
+    rng = np.random.default_rng(2)
+    y = np.repeat(np.arange(3), 14)
+    x = np.maximum(rng.normal(size=(42, 60)) + 0.35 * np.eye(3, 60)[y] @ rng.normal(size=(60, 60)), 0).astype(np.float32)
+    train = np.stack([stratified_folds(y, 5, 0) != f for f in range(5)])
+    together = fit_folds(x, y, train, 3, 0.01, 0.5)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    accs, sure = [], 0
+    for f, t in enumerate(train):
+        head = fit_lbfgs(xt[torch.from_numpy(t)], yt[torch.from_numpy(t)], 3, 0.01, 0.5, max_iter=200)
+        with torch.no_grad():
+            logits = head(xt).numpy()
+        top2 = np.sort(logits, 1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > 1e-3  # not a tie the solver's last digits could turn
+        sure += int(clear.sum())
+        assert np.array_equal(together[f][clear], logits.argmax(1)[clear])
+        accs.append(float((logits.argmax(1)[~t] == y[~t]).mean()))
+    assert sure > 0.95 * train.size
+    assert 0.4 < np.mean(accs) < 1.0 and len(set(accs)) > 1  # not trivially separable: the check has teeth
+    assert np.allclose(fold_accuracies(x, y, 3, [0.01], 0.5, 5, 0, 1), accs, atol=1 / 8 + 1e-9)
 
 
 ROWS = [
