@@ -71,7 +71,7 @@ def with_executor(params, executor: str, address: str | None = None, shard_size:
     return params.model_copy(update={"features": f})
 
 
-def inprocess_one_thread(layout, params) -> dict[str, np.ndarray]:
+def inprocess_one_thread(layout) -> dict[str, np.ndarray]:
     from tasks.pooled import CPU_RUN
     from tasks.preprocess import load_image
     from tasks.runtime import open_session
@@ -132,7 +132,7 @@ def main() -> None:
         print(f"in-process 2 threads: {rates['inprocess_2t']:.1f} img/s", file=sys.stderr, flush=True)
 
         t = time.perf_counter()
-        one = inprocess_one_thread(base, params)
+        one = inprocess_one_thread(base)
         rates["inprocess_1t"] = n / (time.perf_counter() - t)
         print(f"in-process 1 thread: {rates['inprocess_1t']:.1f} img/s", file=sys.stderr, flush=True)
 

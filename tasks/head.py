@@ -114,6 +114,10 @@ class Classifier(nn.Module):
         return self.head(self.features(pixels))
 
 
+# The solver of every convex head fit (fit_lbfgs; the select probe's folds, tasks/probe.py fit_folds).
+LBFGS_OPTIONS = {"lr": 1.0, "history_size": 20, "line_search_fn": "strong_wolfe", "tolerance_grad": 1e-6,
+                 "tolerance_change": 1e-10}
+
 
 def fit_lbfgs(x: torch.Tensor, y: torch.Tensor, out_dim: int, l2: float, feature_power: float = 0.5,
               loss: str = "softmax", label_smoothing: float = 0.0, pos_weight: torch.Tensor | None = None,
@@ -133,8 +137,7 @@ def fit_lbfgs(x: torch.Tensor, y: torch.Tensor, out_dim: int, l2: float, feature
     nn.init.zeros_(linear.bias)
     with torch.no_grad():
         z = head[0](x)
-    opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-10)
+    opt = torch.optim.LBFGS(linear.parameters(), max_iter=max_iter, **LBFGS_OPTIONS)
     target = y.float() if loss == "sigmoid" else y
 
     def closure() -> torch.Tensor:

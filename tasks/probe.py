@@ -133,7 +133,7 @@ def fold_accuracies(x: np.ndarray, y: np.ndarray, num_classes: int, l2s: list[fl
     tests = []
     for r in range(repeats):
         fold = stratified_folds(y, folds, seed + r)
-        tests += [fold == f for f in range(folds) if (fold == f).any() and not (fold == f).all()]
+        tests += [t for t in (fold == f for f in range(folds)) if t.any() and not t.all()]
     if not tests:
         return []
     x, y = np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.int64)
@@ -156,7 +156,7 @@ def fit_folds(x: np.ndarray, y: np.ndarray, train: np.ndarray, num_classes: int,
     import torch
     from torch import nn
 
-    from tasks.head import Standardize
+    from tasks.head import LBFGS_OPTIONS, Standardize
 
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     m = torch.from_numpy(train.astype(np.float32))  # [F, N]
@@ -165,8 +165,7 @@ def fit_folds(x: np.ndarray, y: np.ndarray, train: np.ndarray, num_classes: int,
     f, n, d = z.shape
     w = torch.zeros(f, d, num_classes, requires_grad=True)
     b = torch.zeros(f, 1, num_classes, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-6, tolerance_change=1e-10)
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, **LBFGS_OPTIONS)
     target, count = yt.expand(f, n).reshape(-1), m.sum(1)
 
     def closure() -> torch.Tensor:

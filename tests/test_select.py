@@ -59,7 +59,6 @@ def test_folds_are_stratified_and_deterministic():
     assert not np.array_equal(folds, stratified_folds(y, 5, seed=4))
 
 
-
 def test_the_folds_solved_together_are_each_folds_own_fit():
     """fit_folds (every fold's L-BFGS in one solve) predicts what fit_lbfgs fitted on that fold alone predicts,
     on data hard enough that the folds' accuracies differ (a wrong fold's standardisation, a missing mask or a
